@@ -1,0 +1,70 @@
+"""Build configuration: one frozen dataclass; CLI flags are the kebab-case of its fields. None means default."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from trtglm.errors import ConfigError
+
+CALIB_METHODS = ("entropy", "minmax", "percentile", "mse")
+TARGETS = ("tensorrt", "ort-cpu")
+
+
+@dataclass(frozen=True)
+class ShapeProfile:
+    """One TensorRT optimization profile entry for a dynamic input: min <= opt <= max, per axis."""
+
+    min: tuple[int, ...]
+    opt: tuple[int, ...]
+    max: tuple[int, ...]
+
+    def __post_init__(self):
+        if not (len(self.min) == len(self.opt) == len(self.max)):
+            raise ConfigError(f"shape profile {self}: min, opt and max must have the same rank")
+        for lo, mid, hi in zip(self.min, self.opt, self.max):
+            if not lo <= mid <= hi:
+                raise ConfigError(f"shape profile {self}: need min <= opt <= max on every axis")
+
+
+@dataclass(frozen=True)
+class BuildConfig:
+    model: Path
+    out: Path | None = None  # output directory (default: <model stem>.trtglm/ beside the model)
+    out_onnx: Path | None = None  # -o FILE.onnx: the Q/DQ model alone; the rest is written beside it
+    int8: bool = True
+    calib: Path | None = None  # data directory (.npy per input, .npz batches, or images)
+    calib_script: str | None = None  # file.py:fn returning an iterable of input dicts
+    calib_cache: Path | None = None  # TensorRT calibration cache instead of data
+    calib_method: str = "entropy"
+    percentile: float = 99.99
+    preprocess: str | None = None  # images only: resize=..,crop=..,mean=..,std=..,layout=NCHW|NHWC
+    eval: Path | None = None  # held-out data; default: a split of the calibration data
+    exclude: tuple[str, ...] = ()  # node names or op types (glob) kept in float
+    target: str = "tensorrt"  # tensorrt | ort-cpu
+    check_tol: float | None = None  # max allowed drop in top-1 points (logits) or 1 - cosine otherwise
+    batch_size: int = 32
+    max_calib_samples: int | None = None
+    profiles: tuple[dict[str, ShapeProfile], ...] = field(default_factory=tuple)
+
+    def __post_init__(self):
+        if self.calib_method not in CALIB_METHODS:
+            raise ConfigError(f"--calib-method {self.calib_method!r}: choose one of {', '.join(CALIB_METHODS)}")
+        if self.target not in TARGETS:
+            raise ConfigError(f"--target {self.target!r}: choose one of {', '.join(TARGETS)}")
+        if not 50.0 < self.percentile <= 100.0:
+            raise ConfigError(f"--percentile {self.percentile}: must be in (50, 100]")
+        if self.batch_size < 1:
+            raise ConfigError(f"--batch-size {self.batch_size}: must be at least 1")
+        if self.int8 and sum(x is not None for x in (self.calib, self.calib_script, self.calib_cache)) != 1:
+            raise ConfigError("--int8 needs exactly one of --calib DIR, --calib-script FILE.py:fn, --calib-cache FILE")
+        if self.preprocess is not None and self.calib is None:
+            raise ConfigError("--preprocess applies to an image directory given with --calib")
+
+    @property
+    def out_dir(self) -> Path:
+        if self.out_onnx is not None:
+            return self.out_onnx.parent
+        if self.out is not None:
+            return self.out
+        return self.model.with_suffix(".trtglm")
