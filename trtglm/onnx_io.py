@@ -88,6 +88,9 @@ def atomic_path(path: Path):
         raise TrtglmError(f"output {path}: cannot write ({e.strerror})") from e
     os.close(fd)
     tmp = Path(tmp)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; artefacts are ordinary files
     try:
         yield tmp
         os.replace(tmp, path)

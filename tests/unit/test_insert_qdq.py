@@ -1,0 +1,190 @@
+"""Q/DQ placement on graphs built in code: structure (where Q/DQ sit) and numerics (ORT before/after)."""
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+import pytest
+from onnx import TensorProto, helper
+
+from tests import models
+from trtglm.passes import DEFAULT_PIPELINE, PassContext, run_passes
+from trtglm.passes.insert_qdq import insert_qdq, plan_qdq
+
+
+def _quantize(model: onnx.ModelProto, exclude=(), amax=None, weight_bits=8):
+    graph = gs.import_onnx(model)
+    run_passes(graph, DEFAULT_PIPELINE, PassContext())
+    plan = plan_qdq(graph, exclude)
+    insert_qdq(graph, plan, amax or {name: 4.0 for name in plan.activations}, weight_bits)
+    out = gs.export_onnx(graph)
+    onnx.checker.check_model(out)
+    return gs.import_onnx(out), plan, out
+
+
+def _producer(tensor):
+    return tensor.inputs[0] if tensor.inputs else None
+
+
+def _is_dq_of_q(tensor) -> bool:
+    dq = _producer(tensor)
+    return dq is not None and dq.op == "DequantizeLinear" and _producer(dq.inputs[0]) is not None \
+        and _producer(dq.inputs[0]).op == "QuantizeLinear"
+
+
+def _is_weight_dq(tensor) -> bool:
+    dq = _producer(tensor)
+    return dq is not None and dq.op == "DequantizeLinear" and isinstance(dq.inputs[0], gs.Constant) \
+        and dq.inputs[0].values.dtype == np.int8
+
+
+def test_every_conv_and_gemm_input_is_quantized_with_per_channel_weights():
+    graph, _, _ = _quantize(models.build_cnn_classifier())
+    convs = [n for n in graph.nodes if n.op in ("Conv", "Gemm")]
+    assert convs
+    for node in convs:
+        assert _is_dq_of_q(node.inputs[0]), f"{node.name}: activation input not quantized"
+        assert _is_weight_dq(node.inputs[1]), f"{node.name}: weight not int8 + DequantizeLinear"
+        dq = _producer(node.inputs[1])
+        weights = dq.inputs[0].values
+        if node.op == "Conv":
+            axis = 0
+        else:
+            axis = 0 if node.attrs.get("transB", 0) else 1
+        assert dq.attrs["axis"] == axis
+        assert dq.inputs[1].values.shape == (weights.shape[axis],)
+        assert np.abs(weights).max() == 127  # per-channel absmax maps to the full range
+        if len(node.inputs) > 2:
+            assert isinstance(node.inputs[2], gs.Constant) and node.inputs[2].values.dtype == np.float32
+
+
+def test_zero_points_are_int8_zero():
+    graph, _, _ = _quantize(models.build_cnn_classifier())
+    qdq = [n for n in graph.nodes if n.op in ("QuantizeLinear", "DequantizeLinear")]
+    assert qdq
+    for node in qdq:
+        zp = node.inputs[2].values
+        assert zp.dtype == np.int8 and not zp.any()
+
+
+def test_no_qdq_between_conv_and_its_activation():
+    graph, _, _ = _quantize(models.build_residual_block())
+    for node in graph.nodes:
+        if node.op == "Conv":
+            for consumer in node.outputs[0].outputs:
+                assert consumer.op not in ("QuantizeLinear", "DequantizeLinear"), node.name
+    relus = [n for n in graph.nodes if n.op == "Relu"]
+    assert any(_producer(r.inputs[0]).op == "Conv" for r in relus)
+
+
+@pytest.mark.parametrize("activation", ["Relu", "Clip"])
+def test_residual_add_input_is_quantized(activation):
+    graph, plan, _ = _quantize(models.build_residual_block(activation=activation))
+    adds = [n for n in graph.nodes if n.op == "Add"]
+    assert len(adds) == 1 and plan.residual_adds
+    sources = sorted("conv" if _producer(t).op == "Conv" else "qdq" if _is_dq_of_q(t) else _producer(t).op
+                     for t in adds[0].inputs)
+    assert sources == ["conv", "qdq"]
+
+
+def test_one_qdq_pair_per_tensor_shared_by_consumers():
+    graph, _, _ = _quantize(models.build_residual_block())
+    quantized = [n.inputs[0].name for n in graph.nodes if n.op == "QuantizeLinear"]
+    assert len(quantized) == len(set(quantized))
+    # the block input feeds the first Conv and the skip Add through the same pair
+    block_input = graph.inputs[0]
+    qs = [n for n in block_input.outputs if n.op == "QuantizeLinear"]
+    assert len(qs) == 1
+    dq_out = qs[0].outputs[0].outputs[0].outputs[0]
+    assert {n.op for n in dq_out.outputs} == {"Conv", "Add"}
+
+
+def test_graph_outputs_are_not_quantized():
+    for build in (models.build_cnn_classifier, models.build_mlp, models.build_attention):
+        graph, _, _ = _quantize(build())
+        for out in graph.outputs:
+            assert out.dtype != np.int8
+            assert _producer(out).op not in ("QuantizeLinear", "DequantizeLinear")
+
+
+def test_attention_mask_and_integer_tensors_stay_float():
+    graph, plan, _ = _quantize(models.build_attention())
+    quantized = {n.inputs[0].name for n in graph.nodes if n.op == "QuantizeLinear"}
+    for node in graph.nodes:
+        if node.op == "Softmax":
+            add = _producer(node.inputs[0])
+            assert add.op == "Add"
+            for t in add.inputs:
+                assert not _is_dq_of_q(t)
+    tensors = graph.tensors()
+    for name in quantized:
+        assert tensors[name].dtype in (np.float32, np.float16), name
+    # mask inputs (int64 or additive float) are never quantized, nor anything computed only from them
+    for inp in graph.inputs:
+        if "mask" in inp.name:
+            assert all(n.op != "QuantizeLinear" for n in inp.outputs)
+    assert not any("mask" in name for name in plan.activations)
+
+
+def test_additive_float_mask_input_is_not_an_activation():
+    # x -> MatMul(W) -> scores + mask -> Softmax -> MatMul(mask-derived?) ; mask is a float graph input
+    w = helper.make_tensor("w", TensorProto.FLOAT, [4, 4], np.ones(16, np.float32) * 0.1)
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["scores"], name="proj"),
+             helper.make_node("Add", ["scores", "mask"], ["masked"], name="add_mask"),
+             helper.make_node("Softmax", ["masked"], ["probs"], name="softmax", axis=-1),
+             helper.make_node("MatMul", ["probs", "mask2"], ["y"], name="mix")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 4]),
+                                           helper.make_tensor_value_info("mask", TensorProto.FLOAT, [2, 4]),
+                                           helper.make_tensor_value_info("mask2", TensorProto.FLOAT, [4, 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 4])], [w])
+    model = onnx.shape_inference.infer_shapes(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+    plan = plan_qdq(gs.import_onnx(model))
+    assert "mask" not in plan.activations
+    assert {"x", "probs", "mask2"} <= set(plan.activations)
+
+
+def test_exclude_by_op_type_and_node_name_glob():
+    model = models.build_cnn_classifier()
+    _, plan_all, _ = _quantize(model)
+    graph, plan, _ = _quantize(model, exclude=("Gemm",))
+    assert all(not _is_weight_dq(n.inputs[1]) for n in graph.nodes if n.op == "Gemm")
+    assert len(plan.weights) == len(plan_all.weights) - 1
+    graph, plan, _ = _quantize(model, exclude=("res.conv*",))
+    convs = {n.name: _is_weight_dq(n.inputs[1]) for n in graph.nodes if n.op == "Conv"}
+    assert convs == {"stem.conv": True, "res.conv1": False, "res.conv2": False}
+    assert set(plan.skipped) == {"res.conv1", "res.conv2"}
+
+
+def test_matmul_weight_axis_is_the_output_axis():
+    graph, plan, _ = _quantize(models.build_mlp())
+    for node in graph.nodes:
+        if node.op == "MatMul" and _is_weight_dq(node.inputs[1]):
+            dq = _producer(node.inputs[1])
+            assert dq.attrs["axis"] == dq.inputs[0].values.ndim - 1
+
+
+def test_seven_bit_weights_stay_within_63():
+    graph, _, _ = _quantize(models.build_cnn_classifier(), weight_bits=7)
+    for node in graph.nodes:
+        if node.op == "DequantizeLinear" and isinstance(node.inputs[0], gs.Constant):
+            assert np.abs(node.inputs[0].values.astype(np.int32)).max() == 63
+
+
+def test_quantized_model_computes_close_to_fp32():
+    model = models.build_cnn_classifier()
+    feeds = models.random_inputs(model, batch=4)
+    graph = gs.import_onnx(model)
+    run_passes(graph, DEFAULT_PIPELINE, PassContext())
+    plan = plan_qdq(graph)
+    fp32 = gs.export_onnx(graph)
+    # observe the exact absmax of every planned activation, as minmax calibration would
+    probe = onnx.ModelProto()
+    probe.CopyFrom(fp32)
+    probe.graph.output.extend(helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in plan.activations)
+    values = models.run_ort(probe, feeds)
+    amax = {n: float(np.abs(v).max()) for n, v in zip(plan.activations, values[len(fp32.graph.output):])}
+    insert_qdq(graph, plan, amax)
+    int8 = gs.export_onnx(graph)
+    ref, out = models.run_ort(fp32, feeds)[0], models.run_ort(int8, feeds)[0]
+    cos = (ref * out).sum() / np.linalg.norm(ref) / np.linalg.norm(out)
+    assert cos > 0.99
+    assert not np.allclose(ref, out, atol=1e-7)  # Q/DQ really changed the math

@@ -1,0 +1,125 @@
+"""Run the FP32 model on calibration batches and stream the requested activations into TensorStats.
+
+ONNX Runtime on CPU is the executor so calibration runs anywhere, with graph optimizations disabled: an optimized
+session fuses nodes and drops or renames intermediate tensors, and the Q/DQ pass needs statistics for the
+tensors of the graph it rewrites, under their names. The requested tensors become extra graph outputs of a copy
+of the model; each batch's values are folded into histograms and dropped, so memory does not grow with the
+number of batches.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from collections.abc import Iterable
+from contextlib import ExitStack
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from trtglm.calib.stats import TensorStats
+from trtglm.errors import CalibrationError, DataError
+from trtglm.onnx_io import PROTO_LIMIT
+
+FLOAT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16, onnx.TensorProto.DOUBLE}
+
+
+def collect(model: onnx.ModelProto, tensors: list[str], batches: Iterable[dict[str, np.ndarray]],
+            total: int | None = None, description: str = "calibrating") -> dict[str, TensorStats]:
+    """Statistics of each float tensor in `tensors` over all `batches` (dicts of input name -> array).
+
+    `total` is the number of batches, when known, for the progress bar (stderr).
+    """
+    names = sorted(set(tensors))
+    stats = {name: TensorStats(name) for name in names}
+    graph_inputs = _graph_inputs(model)
+    from_feeds = [n for n in names if n in graph_inputs]
+    with ExitStack() as stack:
+        session = _session(_with_outputs(model, [n for n in names if n not in graph_inputs]), stack)
+        fetch = [o.name for o in session.get_outputs() if o.name in stats]
+        progress = stack.enter_context(Progress(
+            TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+            console=Console(stderr=True)))
+        task = progress.add_task(description, total=total)
+        for index, batch in enumerate(batches):
+            feeds = _feeds(batch, graph_inputs, index)
+            try:
+                values = session.run(fetch, feeds) if fetch else []  # run([]) would fetch every output
+            except Exception as e:  # ORT raises its own exception types (Fail, InvalidArgument, ...)
+                raise DataError(f"calibration batch {index}: ONNX Runtime failed: {str(e).strip()}") from e
+            for name, value in zip(fetch + from_feeds, values + [feeds[n] for n in from_feeds]):
+                if not np.issubdtype(value.dtype, np.floating):
+                    raise CalibrationError(f"calibration: tensor '{name}' has dtype {value.dtype}; only float "
+                                           "activations can be calibrated")
+                stats[name].update(value)
+            progress.advance(task)
+    return stats
+
+
+def _graph_inputs(model: onnx.ModelProto) -> dict[str, onnx.ValueInfoProto]:
+    """The inputs that must be fed (initializers listed as inputs are weights, not data)."""
+    weights = {t.name for t in model.graph.initializer}
+    return {v.name: v for v in model.graph.input if v.name not in weights}
+
+
+def _with_outputs(model: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
+    """A copy of `model` whose graph outputs include `names` (which must be float, non-constant tensors)."""
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    types = _elem_types(copy)
+    produced = {out for node in copy.graph.node for out in node.output if out}
+    weights = {t.name for t in copy.graph.initializer}
+    existing = {o.name for o in copy.graph.output}
+    for name in names:
+        if name in weights:
+            raise CalibrationError(f"calibration: tensor '{name}' is a constant (initializer), not an activation")
+        if name not in produced:
+            raise CalibrationError(f"calibration: tensor '{name}' is not produced by any node of the model")
+        elem = types.get(name, onnx.TensorProto.FLOAT)
+        if elem not in FLOAT_TYPES:
+            raise CalibrationError(f"calibration: tensor '{name}' has type {onnx.TensorProto.DataType.Name(elem)}; "
+                                   "only float activations can be calibrated")
+        if name not in existing:
+            copy.graph.output.append(onnx.helper.make_tensor_value_info(name, elem, None))
+    return copy
+
+
+def _elem_types(model: onnx.ModelProto) -> dict[str, int]:
+    """Element type of every tensor whose type is known, inferring shapes where the model allows it."""
+    graph = model.graph
+    if model.ByteSize() < PROTO_LIMIT:
+        try:
+            graph = onnx.shape_inference.infer_shapes(model).graph
+        except Exception:  # custom ops or partial models: keep the types the model already declares
+            pass
+    types = {t.name: t.data_type for t in graph.initializer}
+    for value in list(graph.input) + list(graph.value_info) + list(graph.output):
+        if value.type.HasField("tensor_type") and value.type.tensor_type.elem_type:
+            types[value.name] = value.type.tensor_type.elem_type
+    return types
+
+
+def _session(model: onnx.ModelProto, stack: ExitStack) -> ort.InferenceSession:
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    options.use_deterministic_compute = True
+    options.log_severity_level = 3
+    providers = ["CPUExecutionProvider"]
+    if model.ByteSize() < PROTO_LIMIT:
+        return ort.InferenceSession(model.SerializeToString(), options, providers=providers)
+    # protobuf cannot serialize >= 2 GiB: save with external data; the directory lives as long as the session
+    folder = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="trtglm-calib-")))
+    onnx.save_model(model, str(folder / "model.onnx"), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location="model.onnx.data", size_threshold=1024)
+    return ort.InferenceSession(str(folder / "model.onnx"), options, providers=providers)
+
+
+def _feeds(batch: dict[str, np.ndarray], inputs: dict[str, onnx.ValueInfoProto], index: int) -> dict:
+    missing = [name for name in inputs if name not in batch]
+    if missing:
+        raise DataError(f"calibration batch {index}: missing input(s) {', '.join(map(repr, missing))}; "
+                        f"the model expects {', '.join(map(repr, inputs))}")
+    return {name: np.asarray(batch[name]) for name in inputs}

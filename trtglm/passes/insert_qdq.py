@@ -1,0 +1,241 @@
+"""Q/DQ placement and insertion, following TensorRT's explicit-quantization rules.
+
+Why: TensorRT 11 takes INT8 only from QuantizeLinear/DequantizeLinear pairs, and it fuses them into the
+layers around them by fixed patterns. Placement decides which kernels it can pick:
+- every input of Conv, ConvTranspose, Gemm and MatMul is quantized: weights per output channel (int8
+  initializer + DequantizeLinear), activations per tensor; symmetric, zero point 0;
+- nothing sits between a Conv and its activation: Q/DQ go on *consumer inputs*, never on a Conv's output,
+  so Conv+bias+Relu/Clip stays one fused kernel;
+- in a skip connection Add(Conv(x), y) the residual input y is quantized, so TensorRT fuses the Add into the
+  Conv as an INT8 residual (a Conv with an unquantized output feeding the Add is the one it fuses);
+- graph outputs are never quantized, and one Q/DQ pair per tensor is shared by all of its consumers;
+- tensors that are not numerically activations stay float: integer and shape tensors, tensors computed only
+  from integer inputs (a mask cast to float), and additive attention masks feeding a Softmax.
+
+`plan_qdq` runs before calibration (it says which activations to observe); `insert_qdq` applies the plan
+with the calibrated scales.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+QUANTIZED_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+CONV_OPS = ("Conv", "ConvTranspose")
+FLOAT_TYPES = (np.float32, np.float16)
+
+
+@dataclass
+class QdqPlan:
+    """Which tensors get Q/DQ. Activation names are sorted for deterministic output."""
+
+    activations: list[str] = field(default_factory=list)  # per-tensor, calibrated
+    weights: dict[str, int] = field(default_factory=dict)  # constant name -> channel axis (-1: per-tensor)
+    skipped: dict[str, str] = field(default_factory=dict)  # node name -> why it stays float
+    residual_adds: list[str] = field(default_factory=list)  # Add nodes whose residual input is quantized
+
+
+def plan_qdq(graph: gs.Graph, exclude: tuple[str, ...] = ()) -> QdqPlan:
+    plan = QdqPlan()
+    float_acts = _activation_tensors(graph)  # toposorts the graph
+    order = {id(node): i for i, node in enumerate(graph.nodes)}
+    activations: set[str] = set()
+    for node in graph.nodes:
+        if node.op not in QUANTIZED_OPS and node.op != "Add":
+            continue
+        if _excluded(node, exclude):
+            plan.skipped[node.name] = "excluded by --exclude"
+            continue
+        if node.op == "Add":
+            residual = _residual_input(node, float_acts, order)
+            if residual is not None:
+                activations.add(residual.name)
+                plan.residual_adds.append(node.name)
+            continue
+        for idx, tensor in enumerate(node.inputs[:2]):  # a bias (input 2) stays float
+            if isinstance(tensor, gs.Constant):
+                if _is_float(tensor):
+                    plan.weights[tensor.name] = _weight_axis(node, idx, tensor)
+            elif tensor.name in float_acts:
+                activations.add(tensor.name)
+            else:
+                plan.skipped[node.name] = f"input '{tensor.name}' is not a float activation"
+    plan.activations = sorted(activations)
+    plan.residual_adds.sort()
+    return plan
+
+
+def insert_qdq(graph: gs.Graph, plan: QdqPlan, amax: dict[str, float], weight_bits: int = 8) -> int:
+    """Insert the planned Q/DQ pairs; `amax` maps activation names to calibrated ranges.
+
+    Weights are stored as int8 with a DequantizeLinear in front (TensorRT folds it); `weight_bits=7` limits
+    weights to [-63, 63] for ONNX Runtime on CPUs without VNNI, whose u8*s8 kernels saturate int16 sums.
+    Returns the number of tensors quantized.
+    """
+    tensors = graph.tensors()
+    count = 0
+    for name in plan.activations:
+        if name not in amax:
+            continue  # no statistics (e.g. a calibration cache without this tensor): stays float
+        count += _quantize_activation(graph, tensors[name], float(amax[name]))
+    for name in sorted(plan.weights):
+        count += _quantize_weight(graph, tensors[name], plan.weights[name], weight_bits)
+    graph.cleanup().toposort()
+    return count
+
+
+# --- placement helpers -----------------------------------------------------------------------------
+
+
+def _excluded(node: gs.Node, patterns: tuple[str, ...]) -> bool:
+    return any(fnmatch.fnmatchcase(node.name, p) or fnmatch.fnmatchcase(node.op, p) for p in patterns)
+
+
+def _is_float(tensor: gs.Tensor) -> bool:
+    dtype = tensor.values.dtype if isinstance(tensor, gs.Constant) else tensor.dtype
+    try:
+        return np.dtype(dtype).type in FLOAT_TYPES
+    except TypeError:
+        return False
+
+
+def _activation_tensors(graph: gs.Graph) -> set[str]:
+    """Float variables that carry data: derived from a float graph input, not from integers or constants
+    alone, and not an additive mask feeding a Softmax."""
+    data: set[str] = {t.name for t in graph.inputs if _is_float(t)}
+    graph.toposort()
+    for node in graph.nodes:
+        if node.op == "Shape" or node.op == "Size":
+            continue
+        if any(isinstance(t, gs.Variable) and t.name in data for t in node.inputs):
+            data.update(t.name for t in node.outputs if _is_float(t))
+    return {name for name in data if name not in _additive_masks(graph)}
+
+
+def _additive_masks(graph: gs.Graph) -> set[str]:
+    """Inputs of the Add/Where chain in front of a Softmax that do not come from a MatMul (the scores)."""
+    masks: set[str] = set()
+    for node in graph.nodes:
+        if node.op != "Softmax":
+            continue
+        frontier = [node.inputs[0]]
+        while frontier:
+            tensor = frontier.pop()
+            producer = tensor.inputs[0] if tensor.inputs else None
+            if producer is None or producer.op not in ("Add", "Where"):
+                continue
+            for inp in producer.inputs:
+                if isinstance(inp, gs.Variable) and not _has_matmul_ancestor(inp):
+                    masks.add(inp.name)
+                else:
+                    frontier.append(inp)
+    return masks
+
+
+def _has_matmul_ancestor(tensor: gs.Tensor, depth: int = 8) -> bool:
+    stack, seen = [(tensor, 0)], set()
+    while stack:
+        t, d = stack.pop()
+        if t.name in seen or d > depth or not t.inputs:
+            continue
+        seen.add(t.name)
+        node = t.inputs[0]
+        if node.op in ("MatMul", "Gemm", "Einsum"):
+            return True
+        stack.extend((i, d + 1) for i in node.inputs if isinstance(i, gs.Variable))
+    return False
+
+
+def _residual_input(add: gs.Node, float_acts: set[str], order: dict[int, int]) -> gs.Variable | None:
+    """For Add(Conv(x), y) return y; with two Conv inputs, the later Conv is fused and the other quantized."""
+    inputs = [t for t in add.inputs if isinstance(t, gs.Variable)]
+    if len(inputs) != 2 or any(t.name not in float_acts for t in inputs):
+        return None
+    if any(t.shape is not None and o.shape is not None and len(t.shape) != len(o.shape)
+           for t, o in zip(inputs, reversed(inputs))):
+        return None  # a broadcast bias-like Add, not a skip connection
+    fusable = [t for t in inputs if t.inputs and t.inputs[0].op in CONV_OPS and len(t.outputs) == 1]
+    if not fusable:
+        return None
+    fused = fusable[-1] if len(fusable) == 1 else max(fusable, key=lambda t: order[id(t.inputs[0])])
+    return inputs[1] if inputs[0] is fused else inputs[0]
+
+
+def _weight_axis(node: gs.Node, idx: int, tensor: gs.Constant) -> int:
+    """The output-channel axis of a constant input, or -1 for per-tensor."""
+    rank = tensor.values.ndim
+    if node.op == "Conv" and idx == 1:
+        return 0
+    if node.op == "ConvTranspose" and idx == 1:
+        return 1 if int(node.attrs.get("group", 1)) == 1 else -1
+    if node.op == "Gemm" and idx == 1:
+        return 0 if int(node.attrs.get("transB", 0)) else 1
+    if node.op == "MatMul" and idx == 1 and rank >= 2:
+        return rank - 1
+    return -1
+
+
+# --- insertion helpers -----------------------------------------------------------------------------
+
+
+def _scale_const(name: str, value) -> gs.Constant:
+    return gs.Constant(name, np.asarray(value, dtype=np.float32))
+
+
+def _zero_point(name: str, size: int | None) -> gs.Constant:
+    return gs.Constant(name, np.zeros(size, dtype=np.int8) if size else np.array(0, dtype=np.int8))
+
+
+def _quantize_activation(graph: gs.Graph, tensor: gs.Variable, amax: float) -> int:
+    consumers = [n for n in tensor.outputs if n.op not in ("QuantizeLinear",)]
+    if not consumers:
+        return 0
+    scale = _scale_const(f"{tensor.name}_scale", max(amax, 1e-12) / 127.0)
+    zp = _zero_point(f"{tensor.name}_zero_point", None)
+    q_out = gs.Variable(f"{tensor.name}_quantized", dtype=np.int8, shape=tensor.shape)
+    dq_out = gs.Variable(f"{tensor.name}_dequantized", dtype=tensor.dtype, shape=tensor.shape)
+    graph.nodes.append(gs.Node("QuantizeLinear", f"{tensor.name}_QuantizeLinear", inputs=[tensor, scale, zp],
+                               outputs=[q_out]))
+    graph.nodes.append(gs.Node("DequantizeLinear", f"{tensor.name}_DequantizeLinear", inputs=[q_out, scale, zp],
+                               outputs=[dq_out]))
+    for node in consumers:
+        _replace_input(node, tensor, dq_out)
+    return 1
+
+
+def _quantize_weight(graph: gs.Graph, tensor: gs.Constant, axis: int, bits: int) -> int:
+    weights = np.asarray(tensor.values, dtype=np.float32)
+    qmax = float(2 ** (bits - 1) - 1)
+    if axis >= 0:
+        reduce_axes = tuple(i for i in range(weights.ndim) if i != axis)
+        amax = np.max(np.abs(weights), axis=reduce_axes)
+    else:
+        amax = np.max(np.abs(weights), keepdims=False)
+    amax = np.where(amax > 0, amax, 1.0).astype(np.float32)
+    scale = (amax / np.float32(qmax)).astype(np.float32)
+    shape = [1] * weights.ndim
+    if axis >= 0:
+        shape[axis] = -1
+    q = np.clip(np.rint(weights / scale.reshape(shape)), -qmax, qmax).astype(np.int8)
+    q_const = gs.Constant(f"{tensor.name}_int8", q)
+    dq_out = gs.Variable(f"{tensor.name}_dequantized", dtype=np.float32, shape=list(weights.shape))
+    attrs = {"axis": axis} if axis >= 0 else {}
+    size = scale.size if axis >= 0 else None
+    graph.nodes.append(gs.Node("DequantizeLinear", f"{tensor.name}_DequantizeLinear", attrs=attrs,
+                               inputs=[q_const, _scale_const(f"{tensor.name}_scale", scale),
+                                       _zero_point(f"{tensor.name}_zero_point", size)],
+                               outputs=[dq_out]))
+    for node in list(tensor.outputs):
+        if node.op != "DequantizeLinear":
+            _replace_input(node, tensor, dq_out)
+    return 1
+
+
+def _replace_input(node: gs.Node, old: gs.Tensor, new: gs.Tensor) -> None:
+    for i, t in enumerate(node.inputs):
+        if t is old:
+            node.inputs[i] = new
