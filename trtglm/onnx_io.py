@@ -64,6 +64,7 @@ def save_model(model: onnx.ModelProto, path: Path) -> Path:
         if model.ByteSize() >= PROTO_LIMIT:
             data_name = path.name + ".data"
             with atomic_path(path.parent / data_name) as tmp_data:
+                model = _copy(model)  # onnx strips the weights out of the proto it saves externally
                 onnx.save_model(model, str(tmp), save_as_external_data=True, all_tensors_to_one_file=True,
                                 location=tmp_data.name, size_threshold=1024)
                 # the .onnx refers to the final data name, so rewrite the locations before the rename
@@ -105,6 +106,12 @@ def _relocate_external_data(onnx_path: Path, old: str, new: str) -> None:
             if entry.key == "location" and entry.value == old:
                 entry.value = new
     onnx_path.write_bytes(model.SerializeToString())
+
+
+def _copy(model: onnx.ModelProto) -> onnx.ModelProto:
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    return copy
 
 
 def _first_line(e: BaseException) -> str:

@@ -131,7 +131,7 @@ def _open_data(cfg: BuildConfig, specs):
 def _eval_split(cfg: BuildConfig, specs, calib_set):
     """Evaluation data: --eval, else a held-out split of the calibration data the calibrator never sees."""
     if cfg.eval is not None:
-        eval_set = calib_data.open_dataset(cfg.eval, specs, preprocess=cfg.preprocess)
+        eval_set = calib_data.open_dataset(cfg.eval, specs, preprocess=cfg.preprocess, what="evaluation")
         calib_idx = list(range(len(calib_set))) if calib_set is not None else []
         return eval_set, list(range(len(eval_set))), _limit(calib_idx, cfg)
     if calib_set is None:

@@ -188,3 +188,25 @@ def test_quantized_model_computes_close_to_fp32():
     cos = (ref * out).sum() / np.linalg.norm(ref) / np.linalg.norm(out)
     assert cos > 0.99
     assert not np.allclose(ref, out, atol=1e-7)  # Q/DQ really changed the math
+
+
+def test_embedding_lookup_is_an_activation_but_a_cast_mask_is_not():
+    rng = np.random.default_rng(0)
+    table = helper.make_tensor("table", TensorProto.FLOAT, [10, 4], rng.standard_normal(40).astype(np.float32))
+    w = helper.make_tensor("w", TensorProto.FLOAT, [4, 4], rng.standard_normal(16).astype(np.float32))
+    nodes = [helper.make_node("Gather", ["table", "ids"], ["emb"], name="embed"),
+             helper.make_node("Cast", ["ids"], ["ids_f"], name="cast", to=TensorProto.FLOAT),
+             helper.make_node("Unsqueeze", ["ids_f", "axes"], ["ids_f2"], name="unsq"),
+             helper.make_node("Mul", ["emb", "ids_f2"], ["gated"], name="gate"),
+             helper.make_node("MatMul", ["ids_f2", "row"], ["outer"], name="outer_mm"),
+             helper.make_node("MatMul", ["gated", "w"], ["y"], name="proj")]
+    axes = helper.make_tensor("axes", TensorProto.INT64, [1], [2])
+    row = helper.make_tensor("row", TensorProto.FLOAT, [1, 4], np.ones(4, np.float32))
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("ids", TensorProto.INT64, [2, 3])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3, 4]),
+                               helper.make_tensor_value_info("outer", TensorProto.FLOAT, [2, 3, 4])],
+                              [table, w, axes, row])
+    model = onnx.shape_inference.infer_shapes(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+    plan = plan_qdq(gs.import_onnx(model))
+    assert plan.activations == ["gated"]  # the index-derived float (ids_f2) feeding a MatMul stays float
+    assert "outer_mm" in plan.skipped and set(plan.weights) == {"w"}

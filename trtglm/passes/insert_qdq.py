@@ -27,6 +27,7 @@ import onnx_graphsurgeon as gs
 QUANTIZED_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 CONV_OPS = ("Conv", "ConvTranspose")
 FLOAT_TYPES = (np.float32, np.float16)
+LOOKUP_OPS = ("Gather", "GatherElements", "GatherND")  # an embedding table indexed by token ids
 
 
 @dataclass
@@ -56,14 +57,16 @@ def plan_qdq(graph: gs.Graph, exclude: tuple[str, ...] = ()) -> QdqPlan:
                 activations.add(residual.name)
                 plan.residual_adds.append(node.name)
             continue
-        for idx, tensor in enumerate(node.inputs[:2]):  # a bias (input 2) stays float
+        inputs = node.inputs[:2]  # a bias (input 2) stays float
+        odd = [t for t in inputs if not (isinstance(t, gs.Constant) and _is_float(t)) and t.name not in float_acts]
+        if odd:  # quantizing only some inputs would not give TensorRT an INT8 kernel
+            plan.skipped[node.name] = f"input '{odd[0].name}' is not a float activation"
+            continue
+        for idx, tensor in enumerate(inputs):
             if isinstance(tensor, gs.Constant):
-                if _is_float(tensor):
-                    plan.weights[tensor.name] = _weight_axis(node, idx, tensor)
-            elif tensor.name in float_acts:
-                activations.add(tensor.name)
+                plan.weights[tensor.name] = _weight_axis(node, idx, tensor)
             else:
-                plan.skipped[node.name] = f"input '{tensor.name}' is not a float activation"
+                activations.add(tensor.name)
     plan.activations = sorted(activations)
     plan.residual_adds.sort()
     return plan
@@ -104,14 +107,16 @@ def _is_float(tensor: gs.Tensor) -> bool:
 
 
 def _activation_tensors(graph: gs.Graph) -> set[str]:
-    """Float variables that carry data: derived from a float graph input, not from integers or constants
-    alone, and not an additive mask feeding a Softmax."""
+    """Float variables that carry data: derived from a float graph input or looked up in a float table by
+    data-dependent indices (an embedding), not from integers or constants alone (a mask cast to float), and
+    not an additive mask feeding a Softmax."""
     data: set[str] = {t.name for t in graph.inputs if _is_float(t)}
     graph.toposort()
     for node in graph.nodes:
-        if node.op == "Shape" or node.op == "Size":
+        if node.op in ("Shape", "Size"):
             continue
-        if any(isinstance(t, gs.Variable) and t.name in data for t in node.inputs):
+        lookup = node.op in LOOKUP_OPS and isinstance(node.inputs[0], gs.Constant) and _is_float(node.inputs[0])
+        if lookup or any(isinstance(t, gs.Variable) and t.name in data for t in node.inputs):
             data.update(t.name for t in node.outputs if _is_float(t))
     return {name for name in data if name not in _additive_masks(graph)}
 
@@ -230,7 +235,7 @@ def _quantize_weight(graph: gs.Graph, tensor: gs.Constant, axis: int, bits: int)
                                        _zero_point(f"{tensor.name}_zero_point", size)],
                                outputs=[dq_out]))
     for node in list(tensor.outputs):
-        if node.op != "DequantizeLinear":
+        if node.op in QUANTIZED_OPS:  # a table shared with a Gather keeps feeding it in float
             _replace_input(node, tensor, dq_out)
     return 1
 
