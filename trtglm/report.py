@@ -188,15 +188,18 @@ def _plot_histogram(stats, amax: float, name: str, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    width = stats.hist_range / NUM_BINS
-    last = max(int(np.nonzero(stats.hist)[0].max(initial=0)) + 1, 1)
-    edges = np.arange(last) * width
+    group = 8  # 256 drawn bins read as well as 2048 and draw 8x faster
+    width = stats.hist_range / NUM_BINS * group
+    counts = stats.hist.reshape(-1, group).sum(axis=1)
+    last = max(int(np.nonzero(counts)[0].max(initial=0)) + 1, 1)
+    edges = np.arange(last + 1) * width
     fig, ax = plt.subplots(figsize=(6, 3), dpi=100)
-    ax.bar(edges, stats.hist[:last], width=width, align="edge", color="#4477aa", log=True)
+    ax.stairs(np.maximum(counts[:last], 0.8), edges, fill=True, color="#4477aa", baseline=0.8)  # one patch
+    ax.set_yscale("log")
     ax.axvline(amax, color="#cc3311", label=f"amax {amax:.3g}")
     ax.axvline(stats.absmax, color="#999999", linestyle="--", label=f"absmax {stats.absmax:.3g}")
     ax.set_title(name, fontsize=9)
-    ax.set_xlabel("|x|")
+    ax.set_xlabel(f"|x| (nonzero; {stats.zeros} exact zeros not shown)")
     ax.set_ylabel("count")
     ax.legend(fontsize=8)
     fig.tight_layout()
