@@ -21,6 +21,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 import onnx_graphsurgeon as gs
 
+from trtglm.passes.fold_constants import annotate_shapes
+
 if TYPE_CHECKING:
     from trtglm.passes import PassContext
 
@@ -166,11 +168,14 @@ def _set_constant(node: gs.Node, index: int, values: np.ndarray, graph: gs.Graph
 
 def _to_mul_add(bn: gs.Node, scale: np.ndarray, shift: np.ndarray, graph: gs.Graph, ctx: PassContext) -> bool:
     x, y = bn.inputs[0], bn.outputs[0]
-    if x.shape is None:
-        ctx.log.append(f"fold_batchnorm: {bn.name} kept: rank of input '{x.name}' unknown (run shape inference)")
+    if x.shape is None and y.shape is None:
+        annotate_shapes(graph, ctx.log)
+    rank = len(x.shape) if x.shape is not None else len(y.shape) if y.shape is not None else None
+    if rank is None:
+        ctx.log.append(f"fold_batchnorm: {bn.name} kept: rank of input '{x.name}' unknown")
         return False
     dtype = x.dtype if x.dtype is not None else np.float32
-    shape = (-1,) + (1,) * (len(x.shape) - 2)
+    shape = (-1,) + (1,) * (rank - 2)
     name = bn.name or y.name
     s = gs.Constant(_unique_name(graph, f"{name}_scale"), scale.reshape(shape).astype(dtype))
     t = gs.Constant(_unique_name(graph, f"{name}_shift"), shift.reshape(shape).astype(dtype))

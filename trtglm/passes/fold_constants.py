@@ -35,7 +35,7 @@ def fold_constants(graph: gs.Graph, ctx: PassContext) -> int:
     for _ in range(MAX_ROUNDS):
         count = len(graph.nodes)
         signature = _signature(graph)
-        _infer_shapes(graph, ctx)
+        annotate_shapes(graph, ctx.log)
         _fold_once(graph)
         _keep_outputs_computed(graph)
         graph.cleanup().toposort()
@@ -59,11 +59,12 @@ def _signature(graph: gs.Graph) -> tuple:
     return tuple((node.op, tuple(t.name for t in node.inputs)) for node in graph.nodes)
 
 
-def _infer_shapes(graph: gs.Graph, ctx: PassContext) -> None:
+def annotate_shapes(graph: gs.Graph, log: list[str] | None = None) -> None:
     """Give tensors the shapes and types ONNX shape inference knows, where the graph knows less.
 
     Shape folding reads `tensor.shape`; a graph built or rewritten in memory often has no shapes on its
     intermediate tensors, and a fold can make a dynamic shape static (a Reshape whose shape became a constant).
+    Other passes use it too (fold_batchnorm needs the rank of a BN input). Failures are logged, not raised.
     """
     tensors = graph.tensors()
     try:
@@ -73,7 +74,8 @@ def _infer_shapes(graph: gs.Graph, ctx: PassContext) -> None:
         inferred = onnx.shape_inference.infer_shapes(model, data_prop=True)
     except Exception as e:  # noqa: BLE001 - onnx raises several types; folding still works without shapes
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        ctx.log.append(f"fold_constants: shape inference failed ({first}); Shapes of unknown tensors stay unfolded")
+        if log is not None:
+            log.append(f"shape inference failed ({first}); tensors without shapes keep none")
         return
     graph_io = {t.name for t in graph.inputs} | {t.name for t in graph.outputs}
     for info in inferred.graph.value_info:

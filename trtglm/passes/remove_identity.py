@@ -23,8 +23,8 @@ if TYPE_CHECKING:
 
 
 def remove_identity(graph: gs.Graph, ctx: PassContext) -> int:
-    graph.cleanup().toposort()
     before = len(graph.nodes)
+    graph.toposort()
     bypassed = 0
     for node in list(graph.nodes):
         outputs = {t.name for t in graph.outputs}
