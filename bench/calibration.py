@@ -169,8 +169,23 @@ def _worker_ort(tool: Tool, args) -> dict:
     # ORT's documented flow: pre-process (shape inference, graph optimisation: folds BatchNormalization), then
     # quantize_static. Both are part of "calibrating with ORT", so both are timed.
     quant_pre_process(str(args.model), str(pre))
+    pre_s = time.perf_counter() - start
     quantize_static(str(pre), str(args.out), Reader(), **kwargs)
-    return {"quantize_s": time.perf_counter() - start, "calib_batch": step, "calib_samples_used": len(calib)}
+    return {"quantize_s": time.perf_counter() - start, "pre_process_s": pre_s, "calib_batch": step,
+            "calib_samples_used": len(calib)}
+
+
+def _worker_floor(args) -> dict:
+    """The floor for peak memory: Python, numpy and ONNX Runtime running the FP32 model over the calibration set."""
+    import onnxruntime as ort
+
+    calib = load_inputs(args.calib_dir, args.model)
+    sess = ort.InferenceSession(str(args.model), providers=["CPUExecutionProvider"])
+    name = sess.get_inputs()[0].name
+    start = time.perf_counter()
+    for batch in batches(calib, args.batch_size):
+        sess.run(None, {name: batch})
+    return {"quantize_s": time.perf_counter() - start}
 
 
 def _worker_warmup(args) -> dict:
@@ -187,8 +202,8 @@ def _worker_warmup(args) -> dict:
 
 def run_worker(args) -> None:
     np.random.seed(SEED)
-    if args.worker == "warmup":
-        result = _worker_warmup(args)
+    if args.worker in ("warmup", "floor"):
+        result = {"warmup": _worker_warmup, "floor": _worker_floor}[args.worker](args)
     else:
         tool = TOOLS_BY_NAME[args.worker]
         result = {"modelopt": _worker_modelopt, "ort": _worker_ort}[tool.family](tool, args)
@@ -202,20 +217,31 @@ def run_child(cmd: list[str], log: Path, timeout_s: float) -> dict:
     with open(log, "wb") as out:
         start = time.perf_counter()
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=REPO)
-        deadline = start + timeout_s
+        deadline, next_look, torch_loaded = start + timeout_s, start, False
         while True:
             pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
             if pid:
                 break
-            if time.perf_counter() > deadline:
+            now = time.perf_counter()
+            if now > deadline:
                 proc.kill()
                 pid, status, usage = os.wait4(proc.pid, 0)
                 break
+            if not torch_loaded and now >= next_look:
+                torch_loaded, next_look = _maps_torch(proc.pid), now + 0.1
             time.sleep(0.005)
         wall = time.perf_counter() - start
     proc.returncode = os.waitstatus_to_exitcode(status)  # reaped here: keep Popen from waiting again
     return {"process_s": wall, "peak_rss_mb": usage.ru_maxrss / 1024, "rc": proc.returncode,
-            "timed_out": wall > timeout_s}
+            "timed_out": wall > timeout_s, "torch_loaded": torch_loaded}
+
+
+def _maps_torch(pid: int) -> bool:
+    """Whether the process has mapped libtorch: importing torch costs a few hundred MB of RSS and seconds."""
+    try:
+        return "/torch/lib/libtorch" in Path(f"/proc/{pid}/maps").read_text()
+    except OSError:
+        return False
 
 
 def trtglm_cmd(tool: Tool, args, out_dir: Path) -> list[str]:
@@ -241,6 +267,12 @@ def trtglm_stage_times(out_dir: Path) -> tuple[float | None, float | None]:
     return calib, build
 
 
+def worker_cmd(worker: str, args, out: Path, result: Path) -> list[str]:
+    return [sys.executable, str(Path(__file__).resolve()), "--worker", worker, "--model", str(args.model),
+            "--calib-dir", str(args.calib_dir), "--batch-size", str(args.batch_size),
+            "--percentile", str(args.percentile), "--out", str(out), "--result", str(result)]
+
+
 def measure(tool: Tool, args, scratch: Path) -> dict:
     work = scratch / tool.name
     work.mkdir(parents=True)
@@ -253,10 +285,7 @@ def measure(tool: Tool, args, scratch: Path) -> dict:
         row = {"quantize_s": build_s, "calib_stage_s": calib_s}
     else:
         out_model, result = work / "model.int8.qdq.onnx", work / "result.json"
-        cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", tool.name, "--model", str(args.model),
-               "--calib-dir", str(args.calib_dir), "--batch-size", str(args.batch_size),
-               "--percentile", str(args.percentile), "--out", str(out_model), "--result", str(result)]
-        child = run_child(cmd, log, args.timeout)
+        child = run_child(worker_cmd(tool.name, args, out_model, result), log, args.timeout)
         row = json.loads(result.read_text()) if result.exists() else {}
         row.setdefault("quantize_s", None)
         row["calib_stage_s"] = None
@@ -392,7 +421,7 @@ def targets(rows: dict[str, dict]) -> list[dict]:
     return out
 
 
-COLUMNS = ("tool", "quantize s", "calib s", "process s", "peak RSS MB", "sim top-1 %", "sim agree %",
+COLUMNS = ("tool", "quantize s", "calib s", "process s", "peak RSS MB", "torch", "sim top-1 %", "sim agree %",
            "ort top-1 %", "ort agree %", "Q/DQ", "TRT")
 
 
@@ -403,11 +432,21 @@ def _fmt(v, spec=".2f") -> str:
 def table_cells(name: str, r: dict) -> list[str]:
     if "error" in r and r.get("model") is None:
         return [name, _fmt(r.get("quantize_s")), "—", _fmt(r.get("process_s")), _fmt(r.get("peak_rss_mb"), ".0f"),
-                "failed", "", "", "", "", ""]
+                _yes(r.get("torch_loaded")), "failed", "", "", "", "", ""]
     return [name, _fmt(r.get("quantize_s")), _fmt(r.get("calib_stage_s")), _fmt(r["process_s"]),
-            _fmt(r["peak_rss_mb"], ".0f"), _fmt(r.get("sim_top1")), _fmt(r.get("sim_agree")), _fmt(r.get("ort_top1")),
+            _fmt(r["peak_rss_mb"], ".0f"), _yes(r.get("torch_loaded")), _fmt(r.get("sim_top1")), _fmt(r.get("sim_agree")), _fmt(r.get("ort_top1")),
             _fmt(r.get("ort_agree")), f"{r.get('quantize_nodes', 0)}/{r.get('dequantize_nodes', 0)}",
-            "yes" if r.get("trt_int8_symmetric") else "no"]
+            _yes(r.get("trt_int8_symmetric"))]
+
+
+def _yes(flag) -> str:
+    return "yes" if flag else "no"
+
+
+def floor_line(result: dict) -> str:
+    f = result["floor"]
+    return (f"Floor: Python + numpy + ONNX Runtime running the FP32 model over the calibration set peaks at "
+            f"{f['peak_rss_mb']:.0f} MB RSS in {f['process_s']:.2f} s (torch {'loaded' if f['torch_loaded'] else 'not loaded'}).")
 
 
 def markdown(result: dict) -> str:
@@ -418,7 +457,7 @@ def markdown(result: dict) -> str:
              "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     for name, r in rows.items():
         lines.append("| " + " | ".join(table_cells(name, r)) + " |")
-    lines.append("")
+    lines += ["", floor_line(result), ""]
     for t in result["targets"]:
         lines.append(f"- **{'PASS' if t['pass'] else 'FAIL'}** {t['target']}: {t['detail']}")
     lines.append("")
@@ -441,6 +480,7 @@ def print_rich(result: dict) -> None:
     for name, r in result["rows"].items():
         table.add_row(*table_cells(name, r), style="bold" if name == TRTGLM_ROW else None)
     console.print(table)
+    console.print(floor_line(result))
     for name, r in result["rows"].items():
         if "error" in r:
             console.print(f"[red]{name}: {r['error']}[/red]")
@@ -471,10 +511,10 @@ def run_bench(args) -> int:
     scratch = Path(tempfile.mkdtemp(prefix="trtglm-bench-"))
     rows: dict[str, dict] = {}
     try:
-        warm = [sys.executable, str(Path(__file__).resolve()), "--worker", "warmup", "--model", str(args.model),
-                "--calib-dir", str(args.calib_dir), "--out", str(scratch / "w.onnx"), "--result",
-                str(scratch / "w.json")]
-        run_child(warm, scratch / "warmup.log", args.timeout)
+        run_child(worker_cmd("warmup", args, scratch / "w.onnx", scratch / "w.json"), scratch / "warmup.log",
+                  args.timeout)
+        floor = run_child(worker_cmd("floor", args, scratch / "f.onnx", scratch / "f.json"), scratch / "floor.log",
+                          args.timeout)
         for tool in tools:
             print(f"running {tool.name} ...", flush=True)
             samples = []
@@ -498,7 +538,8 @@ def run_bench(args) -> int:
     result = {"model": str(args.model.relative_to(REPO) if args.model.is_relative_to(REPO) else args.model),
               "calib_samples": int(len(calib_x)), "eval_samples": int(len(eval_x)), "batch_size": args.batch_size,
               "percentile": args.percentile, "repeat": args.repeat, "cpu": cpu, "versions": versions(),
-              "fp32_top1": fp32_top1, "rows": rows}
+              "fp32_top1": fp32_top1, "floor": {k: floor[k] for k in ("process_s", "peak_rss_mb", "torch_loaded")},
+              "rows": rows}
     result["targets"] = targets(rows) if TRTGLM_ROW in rows else []
     print_rich(result)
     args.results_dir.mkdir(parents=True, exist_ok=True)

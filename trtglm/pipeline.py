@@ -27,6 +27,8 @@ from trtglm.passes.insert_qdq import insert_qdq, plan_qdq
 
 EVAL_FRACTION = 0.2
 MIN_QDQ_OPSET = 13  # per-channel DequantizeLinear (axis attribute)
+# Measured on an x86 CPU without VNNI (ORT 1.32): INT8 MatMul/Gemm saturate int16 sums; INT8 Conv does not.
+ORT_SATURATING_OPS = ("MatMul", "Gemm")
 
 
 @dataclass(frozen=True)
@@ -95,9 +97,9 @@ def build(cfg: BuildConfig, console=None) -> dict:
                 total = calib_data.batch_count(calib_set, calib_idx, cfg.batch_size)
                 stats = collect(fp32, plan.activations, batches, total=total)
                 scales = scales_from_stats(stats, cfg.calib_method, cfg.percentile)
-        weight_bits = 7 if cfg.target == "ort-cpu" and not runtime.has_vnni() else 8
+        seven_bit_ops = ORT_SATURATING_OPS if cfg.target == "ort-cpu" and not runtime.has_vnni() else ()
         with timer.stage("quantize"):
-            n_quantized = insert_qdq(graph, plan, scales.amax, weight_bits)  # fp32 was exported: reuse graph
+            n_quantized = insert_qdq(graph, plan, scales.amax, seven_bit_ops)  # fp32 was exported: reuse graph
             int8 = _export(graph, fp32, min_opset=MIN_QDQ_OPSET)
             onnx_io.save_model(fp32, out.fp32)
             onnx_io.save_model(int8, out.qdq)
@@ -110,7 +112,7 @@ def build(cfg: BuildConfig, console=None) -> dict:
                 comparison = verify.compare_with_fp32(original, int8, eval_set.batches(eval_idx, cfg.batch_size),
                                                       eval_set.labels(eval_idx))
         rep = report.make(cfg=cfg, artefacts=final, pass_counts=pass_counts, plan=plan, scales=scales, stats=stats,
-                          n_quantized=n_quantized, weight_bits=weight_bits, comparison=comparison,
+                          n_quantized=n_quantized, seven_bit_ops=seven_bit_ops, comparison=comparison,
                           fp32_rel_err=fp32_rel_err, engine=_engine_status(), timings=timer.stages,
                           peak_rss_mb=_peak_rss_mb(), eval_source=_eval_source(cfg, eval_set, eval_idx))
         report.write(rep, stats, scales, out)

@@ -30,7 +30,7 @@ def console() -> Console:
     return Console(stderr=True, highlight=False, soft_wrap=True)
 
 
-def make(*, cfg, artefacts, pass_counts, plan, scales, stats, n_quantized, weight_bits, comparison, fp32_rel_err,
+def make(*, cfg, artefacts, pass_counts, plan, scales, stats, n_quantized, seven_bit_ops, comparison, fp32_rel_err,
          engine, timings, peak_rss_mb, eval_source) -> dict:
     tensors = {}
     for name in sorted(scales.amax):
@@ -45,7 +45,7 @@ def make(*, cfg, artefacts, pass_counts, plan, scales, stats, n_quantized, weigh
         "config": {f.name: _plain(getattr(cfg, f.name)) for f in fields(cfg)},
         "target": cfg.target,
         "cpu": {"name": runtime.cpu_name(), "vnni": runtime.has_vnni()},
-        "weight_bits": weight_bits,
+        "weights": _weights_text(seven_bit_ops),
         "passes": pass_counts,
         "quantization": {"tensors_quantized": n_quantized, "activations": len(plan.activations),
                          "weights": len(plan.weights), "residual_adds": plan.residual_adds,
@@ -59,6 +59,13 @@ def make(*, cfg, artefacts, pass_counts, plan, scales, stats, n_quantized, weigh
         "peak_rss_mb": peak_rss_mb,
         "artefacts": {k: str(v) for k, v in asdict(artefacts).items()},
     }
+
+
+def _weights_text(seven_bit_ops: tuple[str, ...]) -> str:
+    if not seven_bit_ops:
+        return "8-bit"
+    return (f"8-bit, 7-bit for {'/'.join(seven_bit_ops)} (ONNX Runtime's u8*s8 kernels saturate int16 sums "
+            "on this CPU without VNNI)")
 
 
 def sqnr_db(stats, amax: float) -> float:
@@ -133,7 +140,7 @@ def print_summary(rep: dict, con: Console) -> None:
     eng = rep["engine"]
     con.print("TensorRT engine: " + ("built" if eng["built"] else f"not built: {eng['reason']}"))
     con.print(f"CPU: {rep['cpu']['name']} (VNNI: {'yes' if rep['cpu']['vnni'] else 'no'}); "
-              f"weights {rep['weight_bits']}-bit; peak memory {rep['peak_rss_mb']} MB")
+              f"weights {rep['weights']}; peak memory {rep['peak_rss_mb']} MB")
     con.print(f"wrote {rep['artefacts']['qdq']} and the report in {rep['artefacts']['directory']}")
 
 
@@ -148,7 +155,7 @@ _METRICS = (
 
 def _markdown(rep: dict, worst, plots: dict, plots_dir: str) -> str:
     lines = [f"# trtglm build report: {Path(rep['model']['path']).name}", "",
-             f"- target: `{rep['target']}`; weights {rep['weight_bits']}-bit per channel, activations per tensor",
+             f"- target: `{rep['target']}`; weights per channel, {rep['weights']}; activations per tensor, 8-bit",
              f"- CPU: {rep['cpu']['name']} (VNNI: {'yes' if rep['cpu']['vnni'] else 'no'})",
              f"- TensorRT engine: {'built' if rep['engine']['built'] else 'not built: ' + rep['engine']['reason']}",
              f"- passes: {', '.join(f'{k} {v}' for k, v in rep['passes'].items())}",

@@ -36,6 +36,7 @@ class QdqPlan:
 
     activations: list[str] = field(default_factory=list)  # per-tensor, calibrated
     weights: dict[str, int] = field(default_factory=dict)  # constant name -> channel axis (-1: per-tensor)
+    weight_ops: dict[str, str] = field(default_factory=dict)  # constant name -> op type of its consumer
     skipped: dict[str, str] = field(default_factory=dict)  # node name -> why it stays float
     residual_adds: list[str] = field(default_factory=list)  # Add nodes whose residual input is quantized
 
@@ -65,6 +66,7 @@ def plan_qdq(graph: gs.Graph, exclude: tuple[str, ...] = ()) -> QdqPlan:
         for idx, tensor in enumerate(inputs):
             if isinstance(tensor, gs.Constant):
                 plan.weights[tensor.name] = _weight_axis(node, idx, tensor)
+                plan.weight_ops[tensor.name] = node.op
             else:
                 activations.add(tensor.name)
     plan.activations = sorted(activations)
@@ -72,12 +74,13 @@ def plan_qdq(graph: gs.Graph, exclude: tuple[str, ...] = ()) -> QdqPlan:
     return plan
 
 
-def insert_qdq(graph: gs.Graph, plan: QdqPlan, amax: dict[str, float], weight_bits: int = 8) -> int:
+def insert_qdq(graph: gs.Graph, plan: QdqPlan, amax: dict[str, float], seven_bit_ops: tuple[str, ...] = ()) -> int:
     """Insert the planned Q/DQ pairs; `amax` maps activation names to calibrated ranges.
 
-    Weights are stored as int8 with a DequantizeLinear in front (TensorRT folds it); `weight_bits=7` limits
-    weights to [-63, 63] for ONNX Runtime on CPUs without VNNI, whose u8*s8 kernels saturate int16 sums.
-    Returns the number of tensors quantized.
+    Weights are stored as int8 with a DequantizeLinear in front (TensorRT folds it). Weights of the op types in
+    `seven_bit_ops` are limited to [-63, 63]: ONNX Runtime's u8*s8 GEMM kernels on x86 CPUs without VNNI add
+    pairs of products in saturating int16, which 7-bit weights cannot overflow. Returns the number of tensors
+    quantized.
     """
     tensors = graph.tensors()
     count = 0
@@ -86,7 +89,8 @@ def insert_qdq(graph: gs.Graph, plan: QdqPlan, amax: dict[str, float], weight_bi
             continue  # no statistics (e.g. a calibration cache without this tensor): stays float
         count += _quantize_activation(graph, tensors[name], float(amax[name]))
     for name in sorted(plan.weights):
-        count += _quantize_weight(graph, tensors[name], plan.weights[name], weight_bits)
+        bits = 7 if plan.weight_ops.get(name) in seven_bit_ops else 8
+        count += _quantize_weight(graph, tensors[name], plan.weights[name], bits)
     graph.cleanup().toposort()
     return count
 
