@@ -21,7 +21,7 @@ from trtglm.calib import data as calib_data
 from trtglm.calib.collect import collect
 from trtglm.calib.methods import Scales, scales_from_stats
 from trtglm.config import BuildConfig
-from trtglm.errors import ConfigError, TrtglmError
+from trtglm.errors import ConfigError, ModelError, TrtglmError
 from trtglm.passes import DEFAULT_PIPELINE, PassContext, run_passes
 from trtglm.passes.insert_qdq import insert_qdq, plan_qdq
 
@@ -78,6 +78,7 @@ def build(cfg: BuildConfig, console=None) -> dict:
         out = final.staged(staging)
         with timer.stage("load"):
             original = onnx_io.load_model(cfg.model)
+            _check_not_quantized(original, cfg.model)
             specs = calib_data.input_specs(original)
             calib_set = _open_data(cfg, specs)
             eval_set, eval_idx, calib_idx = _eval_split(cfg, specs, calib_set)
@@ -120,6 +121,13 @@ def build(cfg: BuildConfig, console=None) -> dict:
     if cfg.check_tol is not None:
         report.check_tolerance(rep, cfg.check_tol)
     return rep
+
+
+def _check_not_quantized(model: onnx.ModelProto, path: Path) -> None:
+    node = next((n for n in model.graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear")), None)
+    if node is not None:
+        raise ModelError(f"model {path}: already quantized ({node.op_type} node '{node.name}'); "
+                         "give trtglm the FP32 model")
 
 
 def _open_data(cfg: BuildConfig, specs):

@@ -173,3 +173,12 @@ def test_console_script_exit_code_and_no_traceback(tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.strip().count("\n") == 0 and "missing.onnx" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_already_quantized_model_is_refused(cnn, tmp_path):
+    model, calib = cnn
+    out = tmp_path / "out"
+    assert _build(model, "--calib", calib, "--out", out).exit_code == 0
+    result = _build(out / "model.int8.qdq.onnx", "--calib", calib, "--out", tmp_path / "again")
+    _assert_one_line_error(result, "model.int8.qdq.onnx", "already quantized")
+    _no_files(tmp_path / "again")
