@@ -15,18 +15,26 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="${VENV_BENCH:-$ROOT/.venv-bench}"
 PY="$VENV/bin/python"
-PIP=("$PY" -m pip install -q --disable-pip-version-check)
 start=$(date +%s)
+
+pip_install() {
+    local constraints=()
+    # BENCH_PINNED=1: the exact versions recorded in bench/requirements-peers.txt, as constraints.
+    if [ "${BENCH_PINNED:-0}" = 1 ]; then constraints=(-c "$ROOT/bench/requirements-peers.txt"); fi
+    # pip's complaints about this machine's optional local indexes are noise; its exit code is kept (pipefail).
+    "$PY" -m pip install -q --disable-pip-version-check "${constraints[@]}" "$@" 2>&1 \
+        | { grep -v "is neither a file nor a directory" || true; }
+}
 
 if [ ! -x "$PY" ]; then
     python3 -m venv "$VENV"
 fi
 
-"${PIP[@]}" torch==2.13.0
-"${PIP[@]}" -e "$ROOT"
+pip_install torch==2.13.0
+pip_install -e "$ROOT"
 # torch is restated on every line so that no later resolve can replace the CPU wheel.
-"${PIP[@]}" torch==2.13.0 nvidia-modelopt
-"${PIP[@]}" torch==2.13.0 \
+pip_install torch==2.13.0 nvidia-modelopt
+pip_install torch==2.13.0 \
     onnx-graphsurgeon onnxconverter-common polygraphy cppimport lief ml_dtypes onnxscript onnxslim
 
 # The peers must not have replaced the CPU build of torch or of onnxruntime.

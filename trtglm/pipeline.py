@@ -59,14 +59,18 @@ class Artefacts:
 
 
 class _Timer:
+    """Wall time of each stage, and the process's peak RSS when the stage ends (peaks only grow)."""
+
     def __init__(self):
         self.stages: dict[str, float] = {}
+        self.peak_rss_mb: dict[str, float] = {}
 
     @contextmanager
     def stage(self, name: str):
         start = time.perf_counter()
         yield
         self.stages[name] = round(time.perf_counter() - start, 4)
+        self.peak_rss_mb[name] = _peak_rss_mb()
 
 
 def build(cfg: BuildConfig, console=None) -> dict:
@@ -115,7 +119,7 @@ def build(cfg: BuildConfig, console=None) -> dict:
         rep = report.make(cfg=cfg, artefacts=final, pass_counts=pass_counts, plan=plan, scales=scales, stats=stats,
                           n_quantized=n_quantized, seven_bit_ops=seven_bit_ops, comparison=comparison,
                           fp32_rel_err=fp32_rel_err, engine=_engine_status(), timings=timer.stages,
-                          peak_rss_mb=_peak_rss_mb(), eval_source=_eval_source(cfg, eval_set, eval_idx))
+                          peak_rss_mb=_peak_rss_mb(), stage_peak_rss_mb=timer.peak_rss_mb, eval_source=_eval_source(cfg, eval_set, eval_idx))
         report.write(rep, stats, scales, out)
     report.print_summary(rep, con)
     if cfg.check_tol is not None:
@@ -157,8 +161,9 @@ def _limit(indices: list[int], cfg: BuildConfig) -> list[int]:
 def _eval_source(cfg: BuildConfig, eval_set, eval_idx) -> str | None:
     if eval_set is None:
         return None
-    where = "--eval" if cfg.eval is not None else f"held-out {int(EVAL_FRACTION * 100)}% of the calibration data"
-    return f"{eval_set.source} ({where}, {len(eval_idx)} units)"
+    if cfg.eval is not None:
+        return f"--eval: {eval_set.source}"
+    return f"{len(eval_idx)} held out of {eval_set.source}, never seen by the calibrator"
 
 
 def _opset(model: onnx.ModelProto) -> int:

@@ -31,7 +31,7 @@ def console() -> Console:
 
 
 def make(*, cfg, artefacts, pass_counts, plan, scales, stats, n_quantized, seven_bit_ops, comparison, fp32_rel_err,
-         engine, timings, peak_rss_mb, eval_source) -> dict:
+         engine, timings, peak_rss_mb, stage_peak_rss_mb, eval_source) -> dict:
     tensors = {}
     for name in sorted(scales.amax):
         row = {"amax": float(scales.amax[name]), "method": scales.method.get(name, "")}
@@ -57,6 +57,7 @@ def make(*, cfg, artefacts, pass_counts, plan, scales, stats, n_quantized, seven
         "engine": engine,
         "timings_s": timings,
         "peak_rss_mb": peak_rss_mb,
+        "peak_rss_mb_after_stage": stage_peak_rss_mb,
         "artefacts": {k: str(v) for k, v in asdict(artefacts).items()},
     }
 
@@ -121,7 +122,7 @@ def _loss_points(row: dict, fig: str) -> tuple[float, str]:
 def print_summary(rep: dict, con: Console) -> None:
     acc = rep["accuracy"]
     if acc is not None:
-        table = Table(title=f"FP32 vs INT8 on {acc['samples']} held-out samples ({acc['eval']})")
+        table = Table(title=f"FP32 vs INT8 on {acc['samples']} samples ({acc['eval']})")
         for col in ("output", "metric", "FP32", "INT8 sim", "INT8 ort"):
             table.add_column(col, justify="left" if col in ("output", "metric") else "right")
         for name, row in acc["outputs"].items():

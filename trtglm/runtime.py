@@ -19,6 +19,7 @@ def session(model: onnx.ModelProto, optimize: bool, threads: int = 0) -> ort.Inf
     opts.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize
                                      else ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
     opts.intra_op_num_threads = threads
+    opts.use_deterministic_compute = True
     opts.log_severity_level = 3
     providers = ["CPUExecutionProvider"]
     if model.ByteSize() < PROTO_LIMIT:

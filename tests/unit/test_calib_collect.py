@@ -74,6 +74,7 @@ def test_missing_input_is_a_data_error():
 def test_large_model_path_uses_external_data(monkeypatch):
     """Models over protobuf's 2 GiB limit go through a temporary file with external data (limit lowered here)."""
     monkeypatch.setattr("trtglm.calib.collect.PROTO_LIMIT", 100)
+    monkeypatch.setattr("trtglm.runtime.PROTO_LIMIT", 100)
     batches = _batches(2)
     stats = collect(_model(), ["y"], batches)
     expected = np.maximum(np.concatenate([b["x"] for b in batches]) @ WEIGHT, 0)

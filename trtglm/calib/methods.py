@@ -17,6 +17,8 @@ Conventions shared by all methods (bin j of the histogram covers [j*w, (j+1)*w),
 
 from __future__ import annotations
 
+import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -64,7 +66,10 @@ def amax_from_stats(stats: TensorStats, method: str, percentile: float = 99.99) 
 def scales_from_stats(stats: dict[str, TensorStats], method: str, percentile: float = 99.99) -> Scales:
     """Scales of every tensor, computed in sorted name order (byte-identical across runs)."""
     names = sorted(stats)
-    return Scales({n: amax_from_stats(stats[n], method, percentile) for n in names}, {n: method for n in names})
+    # tensors are independent and numpy releases the GIL: a thread per core; map() keeps the sorted order
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+        amax = list(pool.map(lambda n: amax_from_stats(stats[n], method, percentile), names))
+    return Scales(dict(zip(names, amax)), {n: method for n in names})
 
 
 def _from_bins(stats: TensorStats, bins: int | None) -> float:
