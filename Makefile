@@ -14,9 +14,6 @@ venv:
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -e '.[export,dev]'
 
-$(DIGITS)/digits_cnn.onnx:
-	$(PY) examples/digits/train.py --out $(DIGITS)
-
 demo: venv
 	$(PY) examples/digits/train.py --out $(DIGITS)
 	$(VENV)/bin/trtglm build $(DIGITS)/digits_cnn.onnx --int8 --calib $(DIGITS)/calib --eval $(DIGITS)/eval \
@@ -27,6 +24,7 @@ test: venv
 
 bench:
 	bash bench/setup.sh
+	.venv-bench/bin/python examples/digits/train.py --out $(DIGITS)
 	.venv-bench/bin/python bench/calibration.py
 
 clean:

@@ -31,7 +31,7 @@ if [ ! -x "$PY" ]; then
 fi
 
 pip_install torch==2.13.0
-pip_install -e "$ROOT"
+pip_install -e "$ROOT[examples]"  # scikit-learn: make bench trains the digits CNN if it is missing
 # torch is restated on every line so that no later resolve can replace the CPU wheel.
 pip_install torch==2.13.0 nvidia-modelopt
 pip_install torch==2.13.0 \
