@@ -177,7 +177,11 @@ def _export(graph: gs.Graph, like: onnx.ModelProto, min_opset: int = 0) -> onnx.
     model.metadata_props.extend(like.metadata_props)
     model.producer_name, model.producer_version = "trtglm", _version()
     if _opset(model) < min_opset:
-        model = onnx.version_converter.convert_version(model, min_opset)
+        try:
+            model = onnx.version_converter.convert_version(model, min_opset)
+        except RuntimeError as e:
+            raise ModelError(f"model opset {_opset(model)}: per-channel Q/DQ needs opset {min_opset} and ONNX's "
+                             f"version converter failed ({str(e).splitlines()[-1]}); re-export at opset >= 13") from e
     return onnx_io.infer_shapes(model)
 
 
