@@ -234,3 +234,20 @@ def test_seven_bit_weights_avoid_ort_saturation_on_this_cpu():
         errors[ops] = float(np.abs(sim - ort_out).max())
     assert errors[()] > 0.5  # ORT's INT8 kernel differs from the exact Q/DQ math: saturation
     assert errors[("MatMul",)] < 1e-3
+
+
+def test_excluded_node_reads_the_float_tensor_even_when_it_is_shared():
+    rng = np.random.default_rng(0)
+    w = helper.make_tensor("w", TensorProto.FLOAT, [4, 4], rng.standard_normal(16).astype(np.float32))
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["a"], name="keep_int8"),
+             helper.make_node("MatMul", ["x", "w"], ["b"], name="stay_float")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 4])],
+                              [helper.make_tensor_value_info("a", TensorProto.FLOAT, [2, 4]),
+                               helper.make_tensor_value_info("b", TensorProto.FLOAT, [2, 4])], [w])
+    model = onnx.shape_inference.infer_shapes(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+    g = gs.import_onnx(model)
+    plan = plan_qdq(g, exclude=("stay_*",))
+    insert_qdq(g, plan, {"x": 2.0})
+    nodes = {n.name: n for n in g.nodes}
+    assert _is_dq_of_q(nodes["keep_int8"].inputs[0]) and _is_weight_dq(nodes["keep_int8"].inputs[1])
+    assert nodes["stay_float"].inputs[0].name == "x" and nodes["stay_float"].inputs[1].name == "w"

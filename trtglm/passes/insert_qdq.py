@@ -87,10 +87,10 @@ def insert_qdq(graph: gs.Graph, plan: QdqPlan, amax: dict[str, float], seven_bit
     for name in plan.activations:
         if name not in amax:
             continue  # no statistics (e.g. a calibration cache without this tensor): stays float
-        count += _quantize_activation(graph, tensors[name], float(amax[name]))
+        count += _quantize_activation(graph, tensors[name], float(amax[name]), plan.skipped)
     for name in sorted(plan.weights):
         bits = 7 if plan.weight_ops.get(name) in seven_bit_ops else 8
-        count += _quantize_weight(graph, tensors[name], plan.weights[name], bits)
+        count += _quantize_weight(graph, tensors[name], plan.weights[name], bits, plan.skipped)
     graph.cleanup().toposort()
     return count
 
@@ -170,7 +170,7 @@ def _residual_input(add: gs.Node, float_acts: set[str], order: dict[int, int]) -
     fusable = [t for t in inputs if t.inputs and t.inputs[0].op in CONV_OPS and len(t.outputs) == 1]
     if not fusable:
         return None
-    fused = fusable[-1] if len(fusable) == 1 else max(fusable, key=lambda t: order[id(t.inputs[0])])
+    fused = max(fusable, key=lambda t: order[id(t.inputs[0])])
     return inputs[1] if inputs[0] is fused else inputs[0]
 
 
@@ -199,8 +199,9 @@ def _zero_point(name: str, size: int | None) -> gs.Constant:
     return gs.Constant(name, np.zeros(size, dtype=np.int8) if size else np.array(0, dtype=np.int8))
 
 
-def _quantize_activation(graph: gs.Graph, tensor: gs.Variable, amax: float) -> int:
-    consumers = [n for n in tensor.outputs if n.op not in ("QuantizeLinear",)]
+def _quantize_activation(graph: gs.Graph, tensor: gs.Variable, amax: float, keep_float) -> int:
+    """One Q/DQ pair for the tensor, read by every consumer except the nodes kept in float."""
+    consumers = [n for n in tensor.outputs if n.op != "QuantizeLinear" and n.name not in keep_float]
     if not consumers:
         return 0
     scale = _scale_const(f"{tensor.name}_scale", max(amax, 1e-12) / 127.0)
@@ -216,7 +217,7 @@ def _quantize_activation(graph: gs.Graph, tensor: gs.Variable, amax: float) -> i
     return 1
 
 
-def _quantize_weight(graph: gs.Graph, tensor: gs.Constant, axis: int, bits: int) -> int:
+def _quantize_weight(graph: gs.Graph, tensor: gs.Constant, axis: int, bits: int, keep_float) -> int:
     weights = np.asarray(tensor.values, dtype=np.float32)
     qmax = float(2 ** (bits - 1) - 1)
     if axis >= 0:
@@ -239,7 +240,7 @@ def _quantize_weight(graph: gs.Graph, tensor: gs.Constant, axis: int, bits: int)
                                        _zero_point(f"{tensor.name}_zero_point", size)],
                                outputs=[dq_out]))
     for node in list(tensor.outputs):
-        if node.op in QUANTIZED_OPS:  # a table shared with a Gather keeps feeding it in float
+        if node.op in QUANTIZED_OPS and node.name not in keep_float:  # e.g. a table shared with a Gather
             _replace_input(node, tensor, dq_out)
     return 1
 
