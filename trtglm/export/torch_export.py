@@ -13,10 +13,12 @@ torch is an optional dependency (`pip install 'trtglm[export]'`); it is imported
 from __future__ import annotations
 
 import importlib.util
+import logging
 import re
 import sys
 import tempfile
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -160,8 +162,9 @@ def onnx_from_torch(module, inputs: list[InputArg], path: Path, dynamic_batch: b
         with tempfile.TemporaryDirectory(prefix="trtglm-export-") as tmp:
             tmp_file = Path(tmp) / "model.onnx"
             try:
-                with warnings.catch_warnings():
+                with warnings.catch_warnings(), _quiet_loggers():
                     warnings.simplefilter("ignore", DeprecationWarning)
+                    warnings.simplefilter("ignore", UserWarning)  # the exporters' advice; failures still raise
                     warnings.simplefilter("ignore", FutureWarning)
                     # said of PRESERVE mode in general; the module is in eval mode, so folding is safe here
                     warnings.filterwarnings("ignore", "It is recommended that constant folding be turned off")
@@ -225,6 +228,21 @@ def _flatten(out) -> list:
     if hasattr(out, "detach"):
         return [out.detach()]
     return []  # non-tensor values are constants in the exported graph
+
+
+@contextmanager
+def _quiet_loggers():
+    """The exporters log their fallbacks (opset conversion, skipped torchvision ops) with tracebacks; trtglm says
+    which exporter it used and why it fell back, so their logs are held to errors during the export."""
+    loggers = [logging.getLogger(name) for name in ("torch.onnx", "torch.export", "torch._dynamo", "onnxscript")]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
 
 
 def _export_dynamo(torch, module, args, inputs, output_names, file: Path, opset, dynamic_batch, keep_batchnorm):
