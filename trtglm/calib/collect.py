@@ -69,7 +69,7 @@ def _with_outputs(model: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
     """A copy of `model` whose graph outputs include `names` (which must be float, non-constant tensors)."""
     copy = onnx.ModelProto()
     copy.CopyFrom(model)
-    types = _elem_types(copy)
+    types = _elem_types(copy, names)
     produced = {out for node in copy.graph.node for out in node.output if out}
     weights = {t.name for t in copy.graph.initializer}
     existing = {o.name for o in copy.graph.output}
@@ -87,14 +87,19 @@ def _with_outputs(model: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
     return copy
 
 
-def _elem_types(model: onnx.ModelProto) -> dict[str, int]:
-    """Element type of every tensor whose type is known, inferring shapes where the model allows it."""
-    graph = model.graph
-    if model.ByteSize() < PROTO_LIMIT:
+def _elem_types(model: onnx.ModelProto, wanted: list[str]) -> dict[str, int]:
+    """Element type of every tensor whose type is known; shapes are inferred only when the model does not
+    already declare the types of the wanted tensors (trtglm's pipeline hands over shape-inferred models)."""
+    types = _declared_types(model.graph)
+    if any(name not in types for name in wanted) and model.ByteSize() < PROTO_LIMIT:
         try:
-            graph = onnx.shape_inference.infer_shapes(model).graph
+            types = _declared_types(onnx.shape_inference.infer_shapes(model).graph)
         except Exception:  # custom ops or partial models: keep the types the model already declares
             pass
+    return types
+
+
+def _declared_types(graph: onnx.GraphProto) -> dict[str, int]:
     types = {t.name: t.data_type for t in graph.initializer}
     for value in list(graph.input) + list(graph.value_info) + list(graph.output):
         if value.type.HasField("tensor_type") and value.type.tensor_type.elem_type:
