@@ -28,6 +28,16 @@ class ShapeProfile:
 
 
 @dataclass(frozen=True)
+class PrecisionPolicy:
+    """Which nodes get INT8 beyond TensorRT's placement rules (the rules themselves live in passes/insert_qdq)."""
+
+    exclude: tuple[str, ...] = ()  # node names or op types (glob) kept in float
+    # Attention BMMs (Q.K^T, P.V: MatMuls of two activations) stay float by default: TensorRT's INT8 fused
+    # attention needs head size 16/32/64 and sequence <= 512, and they carry the softmax's dynamic range.
+    int8_attention: bool = False
+
+
+@dataclass(frozen=True)
 class BuildConfig:
     model: Path
     out: Path | None = None  # output directory (default: <model stem>.trtglm/ beside the model)
@@ -41,6 +51,7 @@ class BuildConfig:
     preprocess: str | None = None  # images only: resize=..,crop=..,mean=..,std=..,layout=NCHW|NHWC
     eval: Path | None = None  # held-out data; default: a split of the calibration data
     exclude: tuple[str, ...] = ()  # node names or op types (glob) kept in float
+    int8_attention: bool = False  # also quantize the attention BMMs
     target: str = "tensorrt"  # tensorrt | ort-cpu
     check_tol: float | None = None  # max allowed drop in top-1 points (logits) or 1 - cosine otherwise
     batch_size: int = 32
@@ -60,6 +71,10 @@ class BuildConfig:
             raise ConfigError("--int8 needs exactly one of --calib DIR, --calib-script FILE.py:fn, --calib-cache FILE")
         if self.preprocess is not None and self.calib is None:
             raise ConfigError("--preprocess applies to an image directory given with --calib")
+
+    @property
+    def policy(self) -> PrecisionPolicy:
+        return PrecisionPolicy(exclude=self.exclude, int8_attention=self.int8_attention)
 
     @property
     def out_dir(self) -> Path:

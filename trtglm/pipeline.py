@@ -90,7 +90,7 @@ def build(cfg: BuildConfig, console=None) -> dict:
             graph = gs.import_onnx(original)
             pass_counts = run_passes(graph, DEFAULT_PIPELINE, PassContext(opset=_opset(original)))
             fp32 = _export(graph, original)
-            plan = plan_qdq(graph, cfg.exclude)
+            plan = plan_qdq(graph, cfg.policy)
         con.print(f"[bold]passes[/] {_fmt_counts(pass_counts)}; Q/DQ plan: {len(plan.activations)} activations, "
                   f"{len(plan.weights)} weights")
         stats = {}

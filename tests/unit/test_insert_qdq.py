@@ -8,14 +8,15 @@ from onnx import TensorProto, helper
 
 from tests import models
 from trtglm import runtime
+from trtglm.config import PrecisionPolicy
 from trtglm.passes import DEFAULT_PIPELINE, PassContext, run_passes
 from trtglm.passes.insert_qdq import insert_qdq, plan_qdq
 
 
-def _quantize(model: onnx.ModelProto, exclude=(), amax=None, seven_bit_ops=()):
+def _quantize(model: onnx.ModelProto, exclude=(), amax=None, seven_bit_ops=(), int8_attention=False):
     graph = gs.import_onnx(model)
     run_passes(graph, DEFAULT_PIPELINE, PassContext())
-    plan = plan_qdq(graph, exclude)
+    plan = plan_qdq(graph, PrecisionPolicy(exclude=exclude, int8_attention=int8_attention))
     insert_qdq(graph, plan, amax or {name: 4.0 for name in plan.activations}, seven_bit_ops)
     out = gs.export_onnx(graph)
     onnx.checker.check_model(out)
@@ -138,9 +139,10 @@ def test_additive_float_mask_input_is_not_an_activation():
                                            helper.make_tensor_value_info("mask2", TensorProto.FLOAT, [4, 4])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 4])], [w])
     model = onnx.shape_inference.infer_shapes(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
-    plan = plan_qdq(gs.import_onnx(model))
+    plan = plan_qdq(gs.import_onnx(model), PrecisionPolicy(int8_attention=True))
     assert "mask" not in plan.activations
     assert {"x", "probs", "mask2"} <= set(plan.activations)
+    assert "mix" in plan_qdq(gs.import_onnx(model)).skipped  # by default the BMM stays float
 
 
 def test_exclude_by_op_type_and_node_name_glob():
@@ -246,8 +248,49 @@ def test_excluded_node_reads_the_float_tensor_even_when_it_is_shared():
                                helper.make_tensor_value_info("b", TensorProto.FLOAT, [2, 4])], [w])
     model = onnx.shape_inference.infer_shapes(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
     g = gs.import_onnx(model)
-    plan = plan_qdq(g, exclude=("stay_*",))
+    plan = plan_qdq(g, PrecisionPolicy(exclude=("stay_*",)))
     insert_qdq(g, plan, {"x": 2.0})
     nodes = {n.name: n for n in g.nodes}
     assert _is_dq_of_q(nodes["keep_int8"].inputs[0]) and _is_weight_dq(nodes["keep_int8"].inputs[1])
     assert nodes["stay_float"].inputs[0].name == "x" and nodes["stay_float"].inputs[1].name == "w"
+
+
+def _matmuls(graph):
+    """name -> (activation input quantized, weight input int8) for every MatMul."""
+    out = {}
+    for n in graph.nodes:
+        if n.op == "MatMul":
+            out[n.name] = tuple(_is_dq_of_q(t) or _is_weight_dq(t) for t in n.inputs[:2])
+    return out
+
+
+@pytest.mark.parametrize("mask", ["add", "int"])
+def test_transformer_policy_linear_layers_int8_attention_bmms_float(mask):
+    graph, plan, _ = _quantize(models.build_attention(mask=mask))
+    mm = _matmuls(graph)
+    bmm = {name for name, n in ((n.name, n) for n in graph.nodes if n.op == "MatMul")
+           if not any(_is_weight_dq(t) for t in n.inputs[:2])}
+    assert len(bmm) == 2 and all(mm[name] == (False, False) for name in bmm)
+    assert all(mm[name] == (True, True) for name in mm if name not in bmm)  # Q, K, V and output projections
+    assert all("attention BMM" in plan.skipped[name] for name in bmm)
+    assert not any(n.op in ("QuantizeLinear",) and "mask" in n.inputs[0].name for n in graph.nodes)
+
+
+@pytest.mark.parametrize("mask", ["add", "int"])
+def test_int8_attention_quantizes_the_bmms_but_never_the_mask(mask):
+    graph, plan, _ = _quantize(models.build_attention(mask=mask), int8_attention=True)
+    assert all(a and b for a, b in _matmuls(graph).values())
+    softmax = next(n for n in graph.nodes if n.op == "Softmax")
+    add = _producer(softmax.inputs[0])
+    assert not any(_is_dq_of_q(t) for t in add.inputs)
+    assert not any("mask" in name for name in plan.activations)
+
+
+def test_gemv_shaped_matmul_stays_float():
+    w = helper.make_tensor("w", TensorProto.FLOAT, [8, 4], np.ones(32, np.float32))
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"], name="gemv")], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 1, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 1, 4])], [w])
+    model = onnx.shape_inference.infer_shapes(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+    plan = plan_qdq(gs.import_onnx(model))
+    assert not plan.activations and not plan.weights and "GEMV" in plan.skipped["gemv"]

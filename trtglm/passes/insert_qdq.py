@@ -3,7 +3,8 @@
 Why: TensorRT 11 takes INT8 only from QuantizeLinear/DequantizeLinear pairs, and it fuses them into the
 layers around them by fixed patterns. Placement decides which kernels it can pick:
 - every input of Conv, ConvTranspose, Gemm and MatMul is quantized: weights per output channel (int8
-  initializer + DequantizeLinear), activations per tensor; symmetric, zero point 0;
+  initializer + DequantizeLinear), activations per tensor; symmetric, zero point 0; by the precision policy,
+  attention BMMs (a MatMul of two activations) and GEMV-shaped MatMuls stay float unless asked for;
 - nothing sits between a Conv and its activation: Q/DQ go on *consumer inputs*, never on a Conv's output,
   so Conv+bias+Relu/Clip stays one fused kernel;
 - in a skip connection Add(Conv(x), y) the residual input y is quantized, so TensorRT fuses the Add into the
@@ -24,6 +25,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx_graphsurgeon as gs
 
+from trtglm.config import PrecisionPolicy
+
 QUANTIZED_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 CONV_OPS = ("Conv", "ConvTranspose")
 FLOAT_TYPES = (np.float32, np.float16)
@@ -41,7 +44,7 @@ class QdqPlan:
     residual_adds: list[str] = field(default_factory=list)  # Add nodes whose residual input is quantized
 
 
-def plan_qdq(graph: gs.Graph, exclude: tuple[str, ...] = ()) -> QdqPlan:
+def plan_qdq(graph: gs.Graph, policy: PrecisionPolicy = PrecisionPolicy()) -> QdqPlan:
     plan = QdqPlan()
     float_acts = _activation_tensors(graph)  # toposorts the graph
     order = {id(node): i for i, node in enumerate(graph.nodes)}
@@ -49,8 +52,12 @@ def plan_qdq(graph: gs.Graph, exclude: tuple[str, ...] = ()) -> QdqPlan:
     for node in graph.nodes:
         if node.op not in QUANTIZED_OPS and node.op != "Add":
             continue
-        if _excluded(node, exclude):
+        if _excluded(node, policy.exclude):
             plan.skipped[node.name] = "excluded by --exclude"
+            continue
+        why_float = _policy_keeps_float(node, policy)
+        if why_float:
+            plan.skipped[node.name] = why_float
             continue
         if node.op == "Add":
             residual = _residual_input(node, float_acts, order)
@@ -96,6 +103,18 @@ def insert_qdq(graph: gs.Graph, plan: QdqPlan, amax: dict[str, float], seven_bit
 
 
 # --- placement helpers -----------------------------------------------------------------------------
+
+
+def _policy_keeps_float(node: gs.Node, policy: PrecisionPolicy) -> str | None:
+    if node.op != "MatMul":
+        return None
+    a, b = node.inputs[:2]
+    if isinstance(a, gs.Variable) and isinstance(b, gs.Variable) and not policy.int8_attention:
+        return "attention BMM (two activations) kept in float; --int8-attention quantizes it"
+    act = a if isinstance(a, gs.Variable) else b
+    if act.shape is not None and (len(act.shape) < 2 or act.shape[-2] == 1):
+        return "GEMV-shaped MatMul (one row): INT8 gains nothing there"
+    return None
 
 
 def _excluded(node: gs.Node, patterns: tuple[str, ...]) -> bool:
