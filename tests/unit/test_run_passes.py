@@ -6,7 +6,8 @@ import onnx_graphsurgeon as gs
 
 from tests.models import (apply_pass, build_attention, build_cnn_classifier, build_identity_dropout, max_rel_err, ops,
                           random_inputs, run_ort)
-from trtglm.passes import DEFAULT_PIPELINE, PassContext, fold_batchnorm, fold_constants, remove_identity, run_passes
+from trtglm.passes import (DEFAULT_PIPELINE, PassContext, fold_batchnorm, fold_constants, fuse_layernorm,
+                           remove_identity, run_passes)
 
 
 def pipeline(graph: gs.Graph, ctx: PassContext) -> dict[str, int]:
@@ -14,14 +15,14 @@ def pipeline(graph: gs.Graph, ctx: PassContext) -> dict[str, int]:
 
 
 def test_default_pipeline_order():
-    assert DEFAULT_PIPELINE == (remove_identity, fold_constants, fold_batchnorm)
+    assert DEFAULT_PIPELINE == (remove_identity, fold_constants, fuse_layernorm, fold_batchnorm)
 
 
 def test_cnn_classifier_pipeline():
     model = build_cnn_classifier()
     feeds = random_inputs(model, batch=4)
     out, report, _ = apply_pass(model, pipeline)
-    assert report == {"remove_identity": 0, "fold_constants": 0, "fold_batchnorm": 3}
+    assert report == {"remove_identity": 0, "fold_constants": 0, "fuse_layernorm": 0, "fold_batchnorm": 3}
     assert "BatchNormalization" not in ops(out)
     assert [o.name for o in out.graph.output] == ["logits"]
     assert max_rel_err(run_ort(model, feeds), run_ort(out, feeds)) < 1e-5
@@ -31,7 +32,7 @@ def test_attention_and_identity_pipelines_preserve_outputs():
     for model in (build_attention(mask="int"), build_attention(mask="add"), build_identity_dropout()):
         feeds = random_inputs(model)
         out, report, _ = apply_pass(model, pipeline)
-        assert set(report) == {"remove_identity", "fold_constants", "fold_batchnorm"}
+        assert set(report) == {"remove_identity", "fold_constants", "fuse_layernorm", "fold_batchnorm"}
         assert "Identity" not in ops(out) and "Dropout" not in ops(out)
         assert max_rel_err(run_ort(model, feeds), run_ort(out, feeds)) < 1e-6
 

@@ -19,12 +19,13 @@ class PassContext:
 
 
 # The FP32 passes, in order: pass-throughs go first (a weight behind an Identity is not a constant), folding
-# then turns weight arithmetic, Constant nodes and static shape subgraphs into initializers, and fold_batchnorm
-# needs constant BN parameters and Conv/Gemm weights. (fold_batchnorm's Mul+Add have a variable input, so a
+# then turns weight arithmetic, Constant nodes and static shape subgraphs into initializers; fuse_layernorm and
+# fold_batchnorm need those constants (epsilon, gamma/beta; BN parameters and Conv/Gemm weights). (fold_batchnorm's Mul+Add have a variable input, so a
 # second fold after it would find nothing.)
 from trtglm.passes.fold_batchnorm import fold_batchnorm  # noqa: E402
 from trtglm.passes.fold_constants import fold_constants  # noqa: E402
+from trtglm.passes.fuse_layernorm import fuse_layernorm  # noqa: E402
 from trtglm.passes.remove_identity import remove_identity  # noqa: E402
 from trtglm.passes.run import run_passes  # noqa: E402
 
-DEFAULT_PIPELINE = (remove_identity, fold_constants, fold_batchnorm)
+DEFAULT_PIPELINE = (remove_identity, fold_constants, fuse_layernorm, fold_batchnorm)
