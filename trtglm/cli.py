@@ -45,6 +45,7 @@ def main(ctx: click.Context, debug: bool):
 @click.option("--eval", "eval_", type=_PATH, help="Held-out data (default: 20%% of the calibration data).")
 @click.option("--exclude", multiple=True, help="Node name or op type (glob) kept in float; repeatable.")
 @click.option("--int8-attention", is_flag=True, help="Also quantize attention BMMs (Q.K^T, P.V).")
+@click.option("--smoothquant", type=float, help="SmoothQuant alpha in [0, 1]: move activation outliers into weights.")
 @click.option("--target", default="tensorrt", show_default=True, type=click.Choice(["tensorrt", "ort-cpu"]),
               help="Where the Q/DQ model will run; ort-cpu on CPUs without VNNI uses 7-bit weights.")
 @click.option("--check-tol", type=float, help="Fail if INT8 loses more points than this (top-1, or 100*(1-cos)).")
@@ -54,7 +55,7 @@ def main(ctx: click.Context, debug: bool):
 @click.option("-o", "out_onnx", type=_PATH, help="Write the Q/DQ model to FILE.onnx; the rest beside it.")
 @click.pass_context
 def build(ctx, model, int8, calib, calib_script, calib_cache, calib_method, percentile, preprocess, eval_,
-          exclude, int8_attention, target, check_tol, batch_size, max_calib_samples, out, out_onnx):
+          exclude, int8_attention, smoothquant, target, check_tol, batch_size, max_calib_samples, out, out_onnx):
     """Fuse, calibrate and quantize MODEL; verify INT8 against FP32 on ONNX Runtime."""
     from trtglm import pipeline
     from trtglm.config import BuildConfig
@@ -67,6 +68,7 @@ def build(ctx, model, int8, calib, calib_script, calib_cache, calib_method, perc
         cfg = BuildConfig(model=model, out=out, out_onnx=out_onnx, int8=int8, calib=calib,
                           calib_script=calib_script, calib_cache=calib_cache, calib_method=calib_method,
                           percentile=percentile, preprocess=preprocess, eval=eval_, exclude=tuple(exclude), int8_attention=int8_attention,
+                          smoothquant=smoothquant,
                           target=target, check_tol=check_tol, batch_size=batch_size,
                           max_calib_samples=max_calib_samples)
         pipeline.build(cfg)

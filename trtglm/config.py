@@ -52,6 +52,7 @@ class BuildConfig:
     eval: Path | None = None  # held-out data; default: a split of the calibration data
     exclude: tuple[str, ...] = ()  # node names or op types (glob) kept in float
     int8_attention: bool = False  # also quantize the attention BMMs
+    smoothquant: float | None = None  # SmoothQuant migration strength alpha in [0, 1]
     target: str = "tensorrt"  # tensorrt | ort-cpu
     check_tol: float | None = None  # max allowed drop in top-1 points (logits) or 1 - cosine otherwise
     batch_size: int = 32
@@ -65,6 +66,10 @@ class BuildConfig:
             raise ConfigError(f"--target {self.target!r}: choose one of {', '.join(TARGETS)}")
         if not 50.0 < self.percentile <= 100.0:
             raise ConfigError(f"--percentile {self.percentile}: must be in (50, 100]")
+        if self.smoothquant is not None and not 0.0 <= self.smoothquant <= 1.0:
+            raise ConfigError(f"--smoothquant {self.smoothquant}: alpha must be in [0, 1] (0.5 is typical)")
+        if self.smoothquant is not None and self.calib_cache is not None:
+            raise ConfigError("--smoothquant needs calibration data (per-channel statistics), not --calib-cache")
         if self.batch_size < 1:
             raise ConfigError(f"--batch-size {self.batch_size}: must be at least 1")
         if self.int8 and sum(x is not None for x in (self.calib, self.calib_script, self.calib_cache)) != 1:

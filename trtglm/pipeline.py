@@ -24,6 +24,7 @@ from trtglm.config import BuildConfig
 from trtglm.errors import ConfigError, ModelError, TrtglmError
 from trtglm.passes import DEFAULT_PIPELINE, PassContext, run_passes
 from trtglm.passes.insert_qdq import insert_qdq, plan_qdq
+from trtglm.passes.smooth_quant import smooth_quant
 
 EVAL_FRACTION = 0.2
 MIN_QDQ_OPSET = 13  # per-channel DequantizeLinear (axis attribute)
@@ -101,6 +102,12 @@ def build(cfg: BuildConfig, console=None) -> dict:
                 batches = calib_set.batches(calib_idx, cfg.batch_size)
                 total = calib_data.batch_count(calib_set, calib_idx, cfg.batch_size)
                 stats = collect(fp32, plan.activations, batches, total=total)
+                if cfg.smoothquant is not None:  # smooth, then calibrate the smoothed activations
+                    pass_counts["smooth_quant"] = smooth_quant(graph, stats, cfg.smoothquant, frozenset(plan.skipped))
+                    plan = plan_qdq(graph, cfg.policy)
+                    stats = collect(_export(graph, original), plan.activations,
+                                    calib_set.batches(calib_idx, cfg.batch_size), total=total,
+                                    description="calibrating (smoothed)")
                 scales = scales_from_stats(stats, cfg.calib_method, cfg.percentile)
         seven_bit_ops = ORT_SATURATING_OPS if cfg.target == "ort-cpu" and not runtime.has_vnni() else ()
         with timer.stage("quantize"):

@@ -89,8 +89,11 @@ class _OrtRunner(OnnxrtRunner):
 
 
 def is_classifier_output(shape: tuple, name: str) -> bool:
-    """Logits: a float output whose last axis indexes classes."""
-    return len(shape) >= 2 and (2 <= shape[-1] <= 1000 or "logit" in name.lower())
+    """Logits: a float output whose last axis indexes classes (an embedding or hidden state is not one)."""
+    lower = name.lower()
+    if any(word in lower for word in ("embed", "hidden", "pool", "feature")):
+        return False
+    return len(shape) >= 2 and (2 <= shape[-1] <= 1000 or "logit" in lower)
 
 
 def compare_with_fp32(fp32: onnx.ModelProto, int8: onnx.ModelProto, batches: Iterable[dict[str, np.ndarray]],

@@ -182,3 +182,13 @@ def test_already_quantized_model_is_refused(cnn, tmp_path):
     result = _build(out / "model.int8.qdq.onnx", "--calib", calib, "--out", tmp_path / "again")
     _assert_one_line_error(result, "model.int8.qdq.onnx", "already quantized")
     _no_files(tmp_path / "again")
+
+
+def test_smoothquant_build_and_bad_alpha(cnn, tmp_path):
+    model, calib = cnn
+    result = _build(model, "--calib", calib, "--smoothquant", "0.8", "--out", tmp_path / "sq")
+    assert result.exit_code == 0, result.output
+    rep = json.loads((tmp_path / "sq" / "report.json").read_text())
+    assert "smooth_quant" in rep["passes"]  # a CNN has no MatMul to smooth: the count says so
+    _assert_one_line_error(_build(model, "--calib", calib, "--smoothquant", "1.5", "--out", tmp_path / "bad"),
+                           "--smoothquant 1.5")

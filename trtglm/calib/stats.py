@@ -67,6 +67,7 @@ class TensorStats:
     min: float = 0.0  # signed extremes (meaningful when count > 0)
     max: float = 0.0
     batches: int = 0  # number of update() calls, to name the batch in error messages
+    channel_absmax: np.ndarray | None = None  # max |x| per index of the last axis (SmoothQuant), float64
 
     @property
     def bin_width(self) -> float:
@@ -99,6 +100,9 @@ class TensorStats:
         self.max = hi if self.count == 0 else max(self.max, hi)
         self.absmax = max(self.absmax, absmax)
         self.count += int(flat.size)
+        if x.ndim >= 2:
+            channels = np.abs(x.reshape(-1, x.shape[-1])).max(axis=0).astype(np.float64)
+            self.channel_absmax = _channel_max(self.channel_absmax, channels)
 
     def merge(self, other: TensorStats) -> TensorStats:
         """A new TensorStats holding both; equal to streaming all data through one object, in any order."""
@@ -115,7 +119,15 @@ class TensorStats:
             min=min(s.min for s in seen) if seen else 0.0,
             max=max(s.max for s in seen) if seen else 0.0,
             batches=self.batches + other.batches,
+            channel_absmax=_channel_max(self.channel_absmax, other.channel_absmax),
         )
+
+
+def _channel_max(a: np.ndarray | None, b: np.ndarray | None) -> np.ndarray | None:
+    """Elementwise max of two per-channel maxima; a channel count that changes (no fixed last axis) gives None."""
+    if a is None or b is None:
+        return b if a is None else a
+    return np.maximum(a, b) if a.shape == b.shape else None
 
 
 def _histogram(flat: np.ndarray, hist_range: float) -> np.ndarray:

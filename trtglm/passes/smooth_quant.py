@@ -1,0 +1,58 @@
+"""SmoothQuant: move activation outliers into the weights of the MatMuls they feed (Xiao et al., 2023).
+
+Why: transformer activations that feed linear layers (LayerNorm and GELU outputs) have a few channels whose
+|x| is 10-100x the rest, so one per-tensor INT8 scale either clips them or leaves the other channels a handful of
+levels. X @ W == (X / s) @ (diag(s) W) for any per-channel s > 0: with s_j = max|X_j|^alpha / max|W_j|^(1-alpha)
+the activation's channels are flattened and the weights (quantized per output channel, so they absorb it well)
+take the difference. The division is a per-channel Mul in front of the MatMuls, which TensorRT fuses into the
+producing kernel's epilogue (a pointwise op). Only MatMuls with a constant 2-D weight (K, N) whose activation's
+last axis is K are smoothed; other consumers of the tensor keep reading it unchanged.
+
+Unlike the other passes it needs calibration statistics (per-channel absmax), so the pipeline runs it between
+a first calibration pass and the calibration of the smoothed activations.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from trtglm.calib.stats import TensorStats
+
+S_MIN, S_MAX = 1e-5, 1e5
+
+
+def smooth_quant(graph: gs.Graph, stats: dict[str, TensorStats], alpha: float,
+                 keep_float: frozenset[str] = frozenset()) -> int:
+    """Smooth every observed activation feeding MatMuls with constant weights; returns how many were smoothed."""
+    tensors = graph.tensors()
+    count = 0
+    for name in sorted(stats):
+        channels = stats[name].channel_absmax
+        tensor = tensors.get(name)
+        if channels is None or tensor is None:
+            continue
+        matmuls = [n for n in tensor.outputs if _smoothable(n, tensor, channels.size) and n.name not in keep_float]
+        if not matmuls:
+            continue
+        weight_max = np.max([np.abs(n.inputs[1].values).max(axis=1) for n in matmuls], axis=0).astype(np.float64)
+        s = np.clip(np.maximum(channels, 1e-8) ** alpha / np.maximum(weight_max, 1e-8) ** (1.0 - alpha),
+                    S_MIN, S_MAX)
+        smoothed = gs.Variable(f"{name}_smoothed", dtype=tensor.dtype, shape=tensor.shape)
+        inv = gs.Constant(f"{name}_smooth_inv_scale", (1.0 / s).astype(np.float32))
+        graph.nodes.append(gs.Node("Mul", f"{name}_SmoothQuant", inputs=[tensor, inv], outputs=[smoothed]))
+        for node in matmuls:
+            weight = node.inputs[1]
+            scaled = (weight.values.astype(np.float64) * s[:, None]).astype(weight.values.dtype)
+            node.inputs[1] = gs.Constant(f"{node.name}_smoothed_weight", scaled)  # a copy: weights may be shared
+            node.inputs[0] = smoothed
+        count += 1
+    graph.cleanup().toposort()
+    return count
+
+
+def _smoothable(node: gs.Node, tensor: gs.Tensor, channels: int) -> bool:
+    if node.op != "MatMul" or node.inputs[0] is not tensor or not isinstance(node.inputs[1], gs.Constant):
+        return False
+    weight = node.inputs[1].values
+    return weight.ndim == 2 and weight.shape[0] == channels and weight.dtype in (np.float32, np.float16)
