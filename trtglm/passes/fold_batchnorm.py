@@ -22,6 +22,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from trtglm.passes.fold_constants import annotate_shapes
+from trtglm.passes.naming import tensor_name
 
 if TYPE_CHECKING:
     from trtglm.passes import PassContext
@@ -160,7 +161,7 @@ def _set_constant(node: gs.Node, index: int, values: np.ndarray, graph: gs.Graph
         old.values = values
         return
     base = old.name if old is not None and not old.is_empty() else (node.name or node.op) + suffix
-    tensor = gs.Constant(_unique_name(graph, base + "_bnfold"), values)
+    tensor = gs.Constant(tensor_name(graph, base + "_bnfold"), values)
     while len(node.inputs) <= index:
         node.inputs.append(gs.Variable.empty())
     node.inputs[index] = tensor
@@ -177,21 +178,11 @@ def _to_mul_add(bn: gs.Node, scale: np.ndarray, shift: np.ndarray, graph: gs.Gra
     dtype = x.dtype if x.dtype is not None else np.float32
     shape = (-1,) + (1,) * (rank - 2)
     name = bn.name or y.name
-    s = gs.Constant(_unique_name(graph, f"{name}_scale"), scale.reshape(shape).astype(dtype))
-    t = gs.Constant(_unique_name(graph, f"{name}_shift"), shift.reshape(shape).astype(dtype))
-    scaled = gs.Variable(_unique_name(graph, f"{name}_scaled"), dtype=x.dtype, shape=x.shape)
+    s = gs.Constant(tensor_name(graph, f"{name}_scale"), scale.reshape(shape).astype(dtype))
+    t = gs.Constant(tensor_name(graph, f"{name}_shift"), shift.reshape(shape).astype(dtype))
+    scaled = gs.Variable(tensor_name(graph, f"{name}_scaled"), dtype=x.dtype, shape=x.shape)
     graph.nodes.append(gs.Node("Mul", name=f"{name}_mul", inputs=[x, s], outputs=[scaled]))
     graph.nodes.append(gs.Node("Add", name=f"{name}_add", inputs=[scaled, t], outputs=[y]))
     bn.outputs.clear()
     ctx.log.append(f"fold_batchnorm: {bn.name} rewritten as Mul+Add")
     return True
-
-
-def _unique_name(graph: gs.Graph, base: str) -> str:
-    names = graph.tensors().keys()
-    if base not in names:
-        return base
-    i = 1
-    while f"{base}_{i}" in names:
-        i += 1
-    return f"{base}_{i}"

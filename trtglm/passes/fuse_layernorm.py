@@ -26,6 +26,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from trtglm.passes.fold_constants import annotate_shapes
+from trtglm.passes.naming import node_name, tensor_name
 
 if TYPE_CHECKING:
     from trtglm.passes import PassContext
@@ -218,12 +219,12 @@ def _params(match: _Match, hidden: int) -> tuple[np.ndarray, np.ndarray | None] 
 def _replace(graph: gs.Graph, match: _Match, params) -> None:
     scale, bias = params
     base = match.out.name
-    inputs = [match.x, gs.Constant(_unique_name(graph, f"{base}_scale"), scale)]
+    inputs = [match.x, gs.Constant(tensor_name(graph, f"{base}_scale"), scale)]
     if bias is not None:
-        inputs.append(gs.Constant(_unique_name(graph, f"{base}_bias"), bias))
+        inputs.append(gs.Constant(tensor_name(graph, f"{base}_bias"), bias))
     out = match.out
     match.nodes[-1].outputs.clear()  # the old chain is now dead; cleanup() removes it
-    graph.nodes.append(gs.Node(match.kind, name=_unique_node_name(graph, f"{base}_{match.kind}"),
+    graph.nodes.append(gs.Node(match.kind, name=node_name(graph, f"{base}_{match.kind}"),
                                attrs={"axis": -1, "epsilon": match.eps}, inputs=inputs, outputs=[out]))
 
 
@@ -270,23 +271,3 @@ def _other_constant(node: gs.Node, tensor: gs.Tensor) -> np.ndarray | None:
 def _is_scalar(tensor: gs.Tensor, expected: float) -> bool:
     value = _constant_value(tensor)
     return value is not None and value.size == 1 and float(value.reshape(-1)[0]) == expected
-
-
-def _unique_name(graph: gs.Graph, base: str) -> str:
-    names = graph.tensors().keys()
-    if base not in names:
-        return base
-    i = 1
-    while f"{base}_{i}" in names:
-        i += 1
-    return f"{base}_{i}"
-
-
-def _unique_node_name(graph: gs.Graph, base: str) -> str:
-    names = {n.name for n in graph.nodes}
-    if base not in names:
-        return base
-    i = 1
-    while f"{base}_{i}" in names:
-        i += 1
-    return f"{base}_{i}"
