@@ -7,8 +7,9 @@ from pathlib import Path
 
 from trtglm.errors import ConfigError
 
-CALIB_METHODS = ("entropy", "minmax", "percentile", "mse")
+CALIB_METHODS = ("entropy", "minmax", "percentile", "mse", "auto")
 TARGETS = ("tensorrt", "ort-cpu")
+ATTENTION = ("decomposed", "native")
 
 
 @dataclass(frozen=True)
@@ -35,6 +36,7 @@ class PrecisionPolicy:
     # Attention BMMs (Q.K^T, P.V: MatMuls of two activations) stay float by default: TensorRT's INT8 fused
     # attention needs head size 16/32/64 and sequence <= 512, and they carry the softmax's dynamic range.
     int8_attention: bool = False
+    keep_float: frozenset[str] = frozenset()  # exact node names kept in float (accuracy budget, --quant-config)
 
 
 @dataclass(frozen=True)
@@ -43,16 +45,22 @@ class BuildConfig:
     out: Path | None = None  # output directory (default: <model stem>.trtglm/ beside the model)
     out_onnx: Path | None = None  # -o FILE.onnx: the Q/DQ model alone; the rest is written beside it
     int8: bool = True
+    fp16: bool = False  # convert the float part of the graph to FP16 (TensorRT 11 has no FP16 builder flag)
+    attention: str = "decomposed"  # native: rewrite attention blocks as the opset-23 Attention op
+    tokenizer: Path | None = None  # --calib/--eval are text files, tokenized with this local tokenizer
+    max_seq: int = 128  # text: truncate (and pad, for a static sequence axis) to this many tokens
     calib: Path | None = None  # data directory (.npy per input, .npz batches, or images)
     calib_script: str | None = None  # file.py:fn returning an iterable of input dicts
     calib_cache: Path | None = None  # TensorRT calibration cache instead of data
-    calib_method: str = "entropy"
+    calib_method: str = "auto"  # per tensor, by the error in the layers that read it; or one method for all
     percentile: float = 99.99
     preprocess: str | None = None  # images only: resize=..,crop=..,mean=..,std=..,layout=NCHW|NHWC
     eval: Path | None = None  # held-out data; default: a split of the calibration data
     exclude: tuple[str, ...] = ()  # node names or op types (glob) kept in float
     int8_attention: bool = False  # also quantize the attention BMMs
-    smoothquant: float | None = None  # SmoothQuant migration strength alpha in [0, 1]
+    smoothquant: float | str | None = None  # alpha in [0, 1], "off"; None: auto (per tensor, by output error)
+    accuracy_budget: float | None = None  # keep the most sensitive layers float until 1 - cosine <= this
+    quant_config: Path | None = None  # decisions of an earlier build (quant_config.json), edited or not
     target: str = "tensorrt"  # tensorrt | ort-cpu
     check_tol: float | None = None  # max allowed drop in top-1 points (logits) or 1 - cosine otherwise
     batch_size: int = 32
@@ -66,12 +74,27 @@ class BuildConfig:
             raise ConfigError(f"--target {self.target!r}: choose one of {', '.join(TARGETS)}")
         if not 50.0 < self.percentile <= 100.0:
             raise ConfigError(f"--percentile {self.percentile}: must be in (50, 100]")
-        if self.smoothquant is not None and not 0.0 <= self.smoothquant <= 1.0:
-            raise ConfigError(f"--smoothquant {self.smoothquant}: alpha must be in [0, 1] (0.5 is typical)")
-        if self.smoothquant is not None and self.calib_cache is not None:
+        if self.smoothquant not in (None, "off") and not (
+                isinstance(self.smoothquant, float) and 0.0 <= self.smoothquant <= 1.0):
+            raise ConfigError(f"--smoothquant {self.smoothquant}: give auto, off, or an alpha in [0, 1]")
+        if isinstance(self.smoothquant, float) and self.calib_cache is not None:
             raise ConfigError("--smoothquant needs calibration data (per-channel statistics), not --calib-cache")
+        if self.accuracy_budget is not None and not 0.0 < self.accuracy_budget < 1.0:
+            raise ConfigError(f"--accuracy-budget {self.accuracy_budget}: give 1 - cosine in (0, 1), e.g. 0.005")
+        if self.accuracy_budget is not None and self.calib_cache is not None:
+            raise ConfigError("--accuracy-budget needs calibration data to measure sensitivity, not --calib-cache")
         if self.batch_size < 1:
             raise ConfigError(f"--batch-size {self.batch_size}: must be at least 1")
+        if self.attention not in ATTENTION:
+            raise ConfigError(f"--attention {self.attention!r}: choose one of {', '.join(ATTENTION)}")
+        if self.int8_attention and self.attention == "native":
+            raise ConfigError("--int8-attention needs --attention decomposed: the Attention op takes no Q/DQ inside")
+        if self.tokenizer is not None and self.calib is None and self.eval is None:
+            raise ConfigError("--tokenizer applies to text files given with --calib or --eval")
+        if self.max_seq < 2:
+            raise ConfigError(f"--max-seq {self.max_seq}: must be at least 2")
+        if not self.int8 and (self.accuracy_budget is not None or self.quant_config is not None):
+            raise ConfigError("--accuracy-budget and --quant-config apply to INT8 builds; drop --no-int8")
         if self.int8 and sum(x is not None for x in (self.calib, self.calib_script, self.calib_cache)) != 1:
             raise ConfigError("--int8 needs exactly one of --calib DIR, --calib-script FILE.py:fn, --calib-cache FILE")
         if self.preprocess is not None and self.calib is None:
@@ -80,6 +103,10 @@ class BuildConfig:
     @property
     def policy(self) -> PrecisionPolicy:
         return PrecisionPolicy(exclude=self.exclude, int8_attention=self.int8_attention)
+
+    @property
+    def smoothquant_auto(self) -> bool:
+        return self.smoothquant is None and self.calib_cache is None
 
     @property
     def out_dir(self) -> Path:

@@ -9,27 +9,34 @@ import shutil
 import tempfile
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import onnx
 import onnx_graphsurgeon as gs
 
-from trtglm import onnx_io, report, runtime, verify
+from trtglm import onnx_io, quant_config, report, runtime, sensitivity, verify
 from trtglm.calib import cache as calib_cache
 from trtglm.calib import data as calib_data
+from trtglm.calib import search
 from trtglm.calib.collect import collect
-from trtglm.calib.methods import Scales, scales_from_stats
+from trtglm.calib.methods import Scales, scales_for
+from trtglm.calib.rows import RowSample
+from trtglm.calib.text import open_text_dataset
 from trtglm.config import BuildConfig
 from trtglm.errors import ConfigError, ModelError, TrtglmError
-from trtglm.passes import DEFAULT_PIPELINE, PassContext, run_passes
-from trtglm.passes.insert_qdq import insert_qdq, plan_qdq
+from trtglm.passes import DEFAULT_PIPELINE, PassContext, fusion_summary, run_passes
+from trtglm.passes.insert_qdq import QUANTIZED_OPS, QdqPlan, insert_qdq, plan_qdq
+from trtglm.passes.convert_fp16 import convert_fp16
 from trtglm.passes.smooth_quant import smooth_quant
 
 EVAL_FRACTION = 0.2
 MIN_QDQ_OPSET = 13  # per-channel DequantizeLinear (axis attribute)
+FP16_QDQ_OPSET = 19  # Q/DQ with FP16 scales (INT8 + FP16 builds)
+ATTENTION_OPSET = 23  # the Attention op
 # Measured on an x86 CPU without VNNI (ORT 1.32): INT8 MatMul/Gemm saturate int16 sums; INT8 Conv does not.
 ORT_SATURATING_OPS = ("MatMul", "Gemm")
+SENSITIVITY_SAMPLES = 128  # calibration samples the accuracy budget is measured on
 
 
 @dataclass(frozen=True)
@@ -43,20 +50,23 @@ class Artefacts:
     report_json: Path
     report_md: Path
     plots: Path
+    quant_config: Path
 
     @staticmethod
     def of(cfg: BuildConfig) -> Artefacts:
         if cfg.out_onnx is not None:
             d, stem = cfg.out_onnx.parent, cfg.out_onnx.stem
             return Artefacts(d, cfg.out_onnx, d / f"{stem}.fp32.opt.onnx", d / f"{stem}.calib.cache",
-                             d / f"{stem}.report.json", d / f"{stem}.report.md", d / f"{stem}.plots")
+                             d / f"{stem}.report.json", d / f"{stem}.report.md", d / f"{stem}.plots",
+                             d / f"{stem}.quant_config.json")
         d = cfg.out_dir
-        return Artefacts(d, d / "model.int8.qdq.onnx", d / "model.fp32.opt.onnx", d / "calib.cache",
-                         d / "report.json", d / "report.md", d / "plots")
+        name = "model.int8.qdq.onnx" if cfg.int8 else "model.fp16.onnx" if cfg.fp16 else "model.fp32.opt.onnx"
+        return Artefacts(d, d / name, d / "model.fp32.opt.onnx", d / "calib.cache",
+                         d / "report.json", d / "report.md", d / "plots", d / "quant_config.json")
 
     def staged(self, staging: Path) -> Artefacts:
         return Artefacts(staging, *(staging / p.name for p in (self.qdq, self.fp32, self.cache, self.report_json,
-                                                               self.report_md, self.plots)))
+                                                               self.report_md, self.plots, self.quant_config)))
 
 
 class _Timer:
@@ -87,51 +97,163 @@ def build(cfg: BuildConfig, console=None) -> dict:
             specs = calib_data.input_specs(original)
             calib_set = _open_data(cfg, specs)
             eval_set, eval_idx, calib_idx = _eval_split(cfg, specs, calib_set)
+            if cfg.attention == "native":
+                original = _at_opset(original, ATTENTION_OPSET, "--attention native")
         with timer.stage("passes"):
             graph = gs.import_onnx(original)
-            pass_counts = run_passes(graph, DEFAULT_PIPELINE, PassContext(opset=_opset(original)))
+            ctx = PassContext(opset=_opset(original), attention=cfg.attention)
+            pass_counts = run_passes(graph, DEFAULT_PIPELINE, ctx)
+            fusions = fusion_summary(graph, pass_counts, ctx)
             fp32 = _export(graph, original)
-            plan = plan_qdq(graph, cfg.policy)
-        con.print(f"[bold]passes[/] {_fmt_counts(pass_counts)}; Q/DQ plan: {len(plan.activations)} activations, "
-                  f"{len(plan.weights)} weights")
-        stats = {}
-        with timer.stage("calibration"):
-            if cfg.calib_cache is not None:
-                scales = calib_cache.read_trt_cache(cfg.calib_cache)
-            else:
-                batches = calib_set.batches(calib_idx, cfg.batch_size)
-                total = calib_data.batch_count(calib_set, calib_idx, cfg.batch_size)
-                stats = collect(fp32, plan.activations, batches, total=total)
-                if cfg.smoothquant is not None:  # smooth, then calibrate the smoothed activations
-                    pass_counts["smooth_quant"] = smooth_quant(graph, stats, cfg.smoothquant, frozenset(plan.skipped))
-                    plan = plan_qdq(graph, cfg.policy)
-                    stats = collect(_export(graph, original), plan.activations,
-                                    calib_set.batches(calib_idx, cfg.batch_size), total=total,
-                                    description="calibrating (smoothed)")
-                scales = scales_from_stats(stats, cfg.calib_method, cfg.percentile)
-        seven_bit_ops = ORT_SATURATING_OPS if cfg.target == "ort-cpu" and not runtime.has_vnni() else ()
-        with timer.stage("quantize"):
-            n_quantized = insert_qdq(graph, plan, scales.amax, seven_bit_ops)  # fp32 was exported: reuse graph
-            int8 = _export(graph, fp32, min_opset=MIN_QDQ_OPSET)
+            pinned = _quant_config(cfg, graph)
+            policy = replace(cfg.policy, keep_float=pinned.keep_float)
+            plan = plan_qdq(graph, policy)
+        con.print(f"[bold]fused[/] {_fmt_counts(fusions)}")
+        con.print(f"[bold]passes[/] {_fmt_counts(pass_counts)}"
+                  + (f"; Q/DQ plan: {len(plan.activations)} activations, {len(plan.weights)} weights" if cfg.int8
+                     else ""))
+        stats, alphas, methods, scales, sens = {}, {}, {}, Scales({}, {}), None
+        seven_bit_ops = ORT_SATURATING_OPS if cfg.int8 and cfg.target == "ort-cpu" and not runtime.has_vnni() else ()
+        if cfg.int8:
+            with timer.stage("calibration"):
+                if cfg.calib_cache is not None:
+                    scales = calib_cache.read_trt_cache(cfg.calib_cache)
+                else:
+                    def calibrate(model, description="calibrating"):
+                        rows = search.wants_rows(graph, plan.activations, policy.keep_float) if searching else []
+                        samples = {n: RowSample(n) for n in rows}
+                        return collect(model, plan.activations, calib_set.batches(calib_idx, cfg.batch_size),
+                                       total=total, description=description, samples=samples), samples
+
+                    total = calib_data.batch_count(calib_set, calib_idx, cfg.batch_size)
+                    searching = cfg.smoothquant_auto or cfg.calib_method == "auto"
+                    stats, samples = calibrate(fp32)
+                    alphas = search.alphas_for(graph, stats, samples, cfg.smoothquant, cfg.calib_method,
+                                               cfg.percentile, pinned.smoothquant,
+                                               policy.keep_float | frozenset(plan.skipped))
+                    smooth = {name: c.value for name, c in alphas.items() if c.value is not None}
+                    pass_counts["smooth_quant"] = 0
+                    if smooth:  # smooth, then calibrate the smoothed activations
+                        pass_counts["smooth_quant"] = smooth_quant(graph, stats, smooth, frozenset(plan.skipped))
+                        plan = plan_qdq(graph, policy)
+                        searching = cfg.calib_method == "auto"
+                        stats, samples = calibrate(_export(graph, original), "calibrating (smoothed)")
+                    methods = search.methods_for(graph, stats, samples, cfg.calib_method, cfg.percentile,
+                                                 {_smoothed(n, smooth): m for n, m in pinned.method.items()},
+                                                 policy.keep_float)
+                    scales = scales_for(stats, {n: c.value for n, c in methods.items()}, cfg.percentile)
+            if cfg.accuracy_budget is not None:
+                with timer.stage("sensitivity"):
+                    smoothed_fp32 = _export(graph, original)
+                    feeds = list(calib_set.batches(calib_idx[:SENSITIVITY_SAMPLES], cfg.batch_size))
+                    sens = sensitivity.analyse(
+                        smoothed_fp32, sensitivity.linear_layers(graph, _quantized_nodes(graph, plan)),
+                        lambda keep: _quantized(smoothed_fp32, replace(policy, keep_float=policy.keep_float | keep),
+                                                scales.amax, seven_bit_ops),
+                        feeds, cfg.accuracy_budget)
+                    policy = replace(policy, keep_float=policy.keep_float | sens.keep_float)
+                    plan = plan_qdq(graph, policy)
+        layers = sensitivity.linear_layers(graph, [n.name for n in graph.nodes if n.op in QUANTIZED_OPS])
+        for layer in layers:
+            layer.precision = "float" if layer.node in plan.skipped or not cfg.int8 else "int8"
+            if sens is not None:
+                layer.error = next((x.error for x in sens.layers if x.node == layer.node), None)
+        n_quantized = 0
+        with timer.stage("quantize" if cfg.int8 else "convert"):
+            model = fp32
+            if cfg.int8:
+                quant_layers, quant_acts = _decisions(layers, plan, alphas, methods, scales)
+                n_quantized = insert_qdq(graph, plan, scales.amax, seven_bit_ops)  # fp32 was exported: reuse graph
+                model = _export(graph, fp32, min_opset=FP16_QDQ_OPSET if cfg.fp16 else MIN_QDQ_OPSET)
+                calib_cache.write_trt_cache(_used(scales, plan.activations), out.cache)
+                quant_config.write(out.quant_config, quant_layers, quant_acts)
+            if cfg.fp16:
+                model = _fp16(model, pass_counts)
             onnx_io.save_model(fp32, out.fp32)
-            onnx_io.save_model(int8, out.qdq)
-            calib_cache.write_trt_cache(_used(scales, plan.activations), out.cache)
+            if out.qdq != out.fp32:
+                onnx_io.save_model(model, out.qdq)
         comparison, fp32_rel_err = None, None
         if eval_set is not None and eval_idx:
             with timer.stage("verify"):
                 feeds = next(iter(eval_set.batches(eval_idx[: cfg.batch_size], cfg.batch_size)))
                 fp32_rel_err = verify.max_relative_error(original, fp32, feeds)
-                comparison = verify.compare_with_fp32(original, int8, eval_set.batches(eval_idx, cfg.batch_size),
+                comparison = verify.compare_with_fp32(original, model, eval_set.batches(eval_idx, cfg.batch_size),
                                                       eval_set.labels(eval_idx))
-        rep = report.make(cfg=cfg, artefacts=final, pass_counts=pass_counts, plan=plan, scales=scales, stats=stats,
+        rep = report.make(cfg=cfg, artefacts=final, pass_counts=pass_counts, fusions=fusions, plan=plan, scales=scales, stats=stats,
                           n_quantized=n_quantized, seven_bit_ops=seven_bit_ops, comparison=comparison,
-                          fp32_rel_err=fp32_rel_err, engine=_engine_status(), timings=timer.stages,
-                          peak_rss_mb=_peak_rss_mb(), stage_peak_rss_mb=timer.peak_rss_mb, eval_source=_eval_source(cfg, eval_set, eval_idx))
+                          fp32_rel_err=fp32_rel_err, engine=_engine_status(), layers=layers, sensitivity=sens,
+                          timings=timer.stages, peak_rss_mb=_peak_rss_mb(), stage_peak_rss_mb=timer.peak_rss_mb,
+                          eval_source=_eval_source(cfg, eval_set, eval_idx))
         report.write(rep, stats, scales, out)
     report.print_summary(rep, con)
     if cfg.check_tol is not None:
         report.check_tolerance(rep, cfg.check_tol)
     return rep
+
+
+def _at_opset(model: onnx.ModelProto, opset: int, why: str) -> onnx.ModelProto:
+    if _opset(model) >= opset:
+        return model
+    try:
+        return onnx_io.infer_shapes(onnx.version_converter.convert_version(model, opset))
+    except Exception as e:  # the converter raises RuntimeError and others for ops it cannot adapt
+        raise ModelError(f"model opset {_opset(model)}: {why} needs opset {opset} and ONNX's version converter "
+                         f"failed ({str(e).strip().splitlines()[-1]}); re-export at opset >= {opset}") from e
+
+
+def _fp16(model: onnx.ModelProto, pass_counts: dict) -> onnx.ModelProto:
+    graph = gs.import_onnx(model)
+    pass_counts["convert_fp16"] = convert_fp16(graph, PassContext(opset=_opset(model)))
+    return _export(graph, model)
+
+
+def _quant_config(cfg: BuildConfig, graph: gs.Graph) -> quant_config.QuantConfig:
+    if cfg.quant_config is None:
+        return quant_config.QuantConfig()
+    return quant_config.read(cfg.quant_config, {n.name for n in graph.nodes}, set(graph.tensors()))
+
+
+def _smoothed(name: str, smooth: dict) -> str:
+    """The tensor the layers read after SmoothQuant (passes/smooth_quant names it so)."""
+    return f"{name}_smoothed" if name in smooth else name
+
+
+def _quantized_nodes(graph: gs.Graph, plan: QdqPlan) -> list[str]:
+    return [n.name for n in graph.nodes if n.op in QUANTIZED_OPS and n.name not in plan.skipped]
+
+
+def _quantized(fp32: onnx.ModelProto, policy, amax: dict, seven_bit_ops) -> onnx.ModelProto:
+    """The INT8 model of `fp32` under `policy` (sensitivity analysis builds one per candidate)."""
+    graph = gs.import_onnx(fp32)
+    insert_qdq(graph, plan_qdq(graph, policy), amax, seven_bit_ops)
+    return _export(graph, fp32, min_opset=MIN_QDQ_OPSET)
+
+
+def _decisions(layers, plan: QdqPlan, alphas: dict, methods: dict, scales: Scales) -> tuple[list, list]:
+    """The quant_config.json entries: every linear layer, and every calibrated activation under its original
+    (unsmoothed) name."""
+    rows = []
+    for layer in layers:
+        row = {"node": layer.node, "op": layer.op, "precision": layer.precision, "macs": layer.macs}
+        if layer.error is not None:
+            row["sensitivity"] = round(layer.error, 6)
+        if layer.node in plan.skipped:
+            row["why"] = plan.skipped[layer.node]
+        rows.append(row)
+    acts = []
+    origin = {f"{n}_smoothed": n for n in alphas}
+    for name in plan.activations:
+        if name not in scales.amax:
+            continue
+        original = origin.get(name, name)
+        row = {"tensor": original, "smoothquant": alphas[original].value if original in alphas else None,
+               "method": scales.method[name], "amax": float(scales.amax[name])}
+        for key, choices, what in (("alpha_errors", alphas, original), ("method_errors", methods, name)):
+            if what in choices and choices[what].errors:  # the search's relative output error per candidate
+                row[key] = {("none" if k is None else str(k)): float(f"{v:.4g}")
+                            for k, v in choices[what].errors.items()}
+        acts.append(row)
+    return rows, acts
 
 
 def _check_not_quantized(model: onnx.ModelProto, path: Path) -> None:
@@ -146,13 +268,22 @@ def _open_data(cfg: BuildConfig, specs):
         if not cfg.calib_cache.is_file():
             raise ConfigError(f"--calib-cache {cfg.calib_cache}: file not found")
         return None
-    return calib_data.open_dataset(cfg.calib, specs, preprocess=cfg.preprocess, script=cfg.calib_script)
+    if not cfg.int8 and cfg.calib is None and cfg.calib_script is None:
+        return None
+    return _dataset(cfg, cfg.calib, specs, "calibration")
+
+
+def _dataset(cfg: BuildConfig, path: Path | None, specs, what: str):
+    if cfg.tokenizer is not None and path is not None:
+        return open_text_dataset(path, cfg.tokenizer, cfg.max_seq, specs, what)
+    return calib_data.open_dataset(path, specs, preprocess=cfg.preprocess,
+                                   script=cfg.calib_script if what == "calibration" else None, what=what)
 
 
 def _eval_split(cfg: BuildConfig, specs, calib_set):
     """Evaluation data: --eval, else a held-out split of the calibration data the calibrator never sees."""
     if cfg.eval is not None:
-        eval_set = calib_data.open_dataset(cfg.eval, specs, preprocess=cfg.preprocess, what="evaluation")
+        eval_set = _dataset(cfg, cfg.eval, specs, "evaluation")
         calib_idx = list(range(len(calib_set))) if calib_set is not None else []
         return eval_set, list(range(len(eval_set))), _limit(calib_idx, cfg)
     if calib_set is None:

@@ -7,6 +7,7 @@ import json
 import math
 import re
 import sys
+from collections import Counter
 from dataclasses import asdict, fields
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from rich.table import Table
 from trtglm import __version__, runtime
 from trtglm.calib.stats import NUM_BINS
 from trtglm.errors import AccuracyError
+from trtglm.sensitivity import int8_mac_fraction
 
 WORST_TENSORS = 4
 FIGURE_TARGETS = {
@@ -30,8 +32,8 @@ def console() -> Console:
     return Console(stderr=True, highlight=False, soft_wrap=True)
 
 
-def make(*, cfg, artefacts, pass_counts, plan, scales, stats, n_quantized, seven_bit_ops, comparison, fp32_rel_err,
-         engine, timings, peak_rss_mb, stage_peak_rss_mb, eval_source) -> dict:
+def make(*, cfg, artefacts, pass_counts, fusions, plan, scales, stats, n_quantized, seven_bit_ops, comparison, fp32_rel_err,
+         engine, layers, sensitivity, timings, peak_rss_mb, stage_peak_rss_mb, eval_source) -> dict:
     tensors = {}
     for name in sorted(scales.amax):
         row = {"amax": float(scales.amax[name]), "method": scales.method.get(name, "")}
@@ -47,9 +49,21 @@ def make(*, cfg, artefacts, pass_counts, plan, scales, stats, n_quantized, seven
         "cpu": {"name": runtime.cpu_name(), "vnni": runtime.has_vnni()},
         "weights": _weights_text(seven_bit_ops),
         "passes": pass_counts,
+        "fusions": fusions,
         "quantization": {"tensors_quantized": n_quantized, "activations": len(plan.activations),
                          "weights": len(plan.weights), "residual_adds": plan.residual_adds,
+                         "linear_layers": len(layers),
+                         "int8_linear_layers": sum(layer.precision == "int8" for layer in layers),
+                         "int8_mac_fraction": round(int8_mac_fraction(layers), 4),
+                         "methods": dict(sorted(Counter(scales.method.values()).items())),
+                         "smoothed_activations": pass_counts.get("smooth_quant", 0),
                          "kept_float": dict(sorted(plan.skipped.items()))},
+        "sensitivity": None if sensitivity is None else {
+            "budget": sensitivity.budget, "samples": sensitivity.samples,
+            "full_int8_error": sensitivity.full_int8_error, "chosen_error": sensitivity.error,
+            "metric": "1 - mean cosine of the outputs vs FP32 on calibration samples (ORT, Q/DQ computed literally)",
+            "layers": [{"node": x.node, "op": x.op, "macs": x.macs, "error": x.error, "precision": x.precision}
+                       for x in sensitivity.layers]},
         "tensors": tensors,
         "accuracy": None if comparison is None else {
             "eval": eval_source, "samples": comparison.samples, "fp32_optimized_max_rel_err": fp32_rel_err,
@@ -93,6 +107,10 @@ def write(rep: dict, stats: dict, scales, out) -> None:
             path = out.plots / f"{re.sub(r'[^A-Za-z0-9_.-]+', '_', name)}.png"
             _plot_histogram(stats[name], scales.amax[name], name, path)
             plots[name] = path.name
+    if rep["sensitivity"] is not None:
+        out.plots.mkdir(parents=True, exist_ok=True)
+        _plot_sensitivity(rep["sensitivity"], out.plots / "sensitivity.png")
+        plots["sensitivity"] = "sensitivity.png"
     out.report_json.write_text(json.dumps(rep, indent=2, sort_keys=False, default=_plain) + "\n")
     out.report_md.write_text(_markdown(rep, worst, plots, Path(out.plots).name))
 
@@ -160,8 +178,13 @@ def _markdown(rep: dict, worst, plots: dict, plots_dir: str) -> str:
              f"- CPU: {rep['cpu']['name']} (VNNI: {'yes' if rep['cpu']['vnni'] else 'no'})",
              f"- TensorRT engine: {'built' if rep['engine']['built'] else 'not built: ' + rep['engine']['reason']}",
              f"- passes: {', '.join(f'{k} {v}' for k, v in rep['passes'].items())}",
+             f"- blocks in the optimized graph: {', '.join(f'{k} {v}' for k, v in rep['fusions'].items())}",
              f"- quantized tensors: {rep['quantization']['tensors_quantized']} "
              f"({rep['quantization']['activations']} activations, {rep['quantization']['weights']} weights)",
+             f"- linear layers in INT8: {rep['quantization']['int8_linear_layers']} of "
+             f"{rep['quantization']['linear_layers']}, {100 * rep['quantization']['int8_mac_fraction']:.1f}% of their "
+             f"multiply-accumulates; SmoothQuant on {rep['quantization']['smoothed_activations']} activations; "
+             f"calibration methods {rep['quantization']['methods']}",
              f"- peak memory {rep['peak_rss_mb']} MB; stage times (s): "
              + ", ".join(f"{k} {v}" for k, v in rep["timings_s"].items()), ""]
     acc = rep["accuracy"]
@@ -177,6 +200,16 @@ def _markdown(rep: dict, worst, plots: dict, plots_dir: str) -> str:
         lines += [""] + [f"- `{f}`: {t}" for f, t in acc["figures"].items()]
         if acc["fp32_optimized_max_rel_err"] is not None:
             lines.append(f"- optimized FP32 vs original: max relative error {acc['fp32_optimized_max_rel_err']:.2e}")
+        lines.append("")
+    sens = rep["sensitivity"]
+    if sens is not None:
+        lines += [f"## Sensitivity (accuracy budget {sens['budget']})", "",
+                  f"Metric: {sens['metric']}, {sens['samples']} samples. All linear layers INT8: "
+                  f"{sens['full_int8_error']:.5f}; chosen mix: {sens['chosen_error']:.5f}.", "",
+                  f"![sensitivity]({plots_dir}/{plots['sensitivity']})", "",
+                  "| layer | op | MACs | error with only this layer INT8 | precision |", "|---|---|---:|---:|---|"]
+        for x in sorted(sens["layers"], key=lambda x: -(x["error"] or 0.0)):
+            lines.append(f"| {x['node']} | {x['op']} | {x['macs']} | {x['error']:.3g} | {x['precision']} |")
         lines.append("")
     if worst:
         lines += ["## Tensors with the lowest SQNR", "", "| tensor | method | amax | absmax | SQNR dB |",
@@ -213,6 +246,29 @@ def _plot_histogram(stats, amax: float, name: str, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, metadata={"Software": None})
     plt.close(fig)
+
+
+def _plot_sensitivity(sens: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    layers = sens["layers"]
+    fig, ax = plt.subplots(figsize=(max(6, 0.22 * len(layers)), 3.5), dpi=100)
+    colors = ["#cc3311" if x["precision"] == "float" else "#4477aa" for x in layers]
+    ax.bar(range(len(layers)), [max(x["error"] or 0.0, 1e-9) for x in layers], color=colors)
+    ax.set_yscale("log")
+    ax.set_xticks(range(len(layers)), [_short(x["node"]) for x in layers], rotation=90, fontsize=6)
+    ax.set_ylabel("1 - cosine, this layer alone INT8")
+    ax.set_title(f"layer sensitivity (red: kept in float for budget {sens['budget']})", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, metadata={"Software": None})
+    plt.close(fig)
+
+
+def _short(name: str, keep: int = 28) -> str:
+    return name if len(name) <= keep else "..." + name[-keep + 3:]
 
 
 def _sha256(path: Path) -> str:

@@ -15,6 +15,7 @@ from trtglm.onnx_io import PROTO_LIMIT, save_model
 def session(model: onnx.ModelProto, optimize: bool, threads: int = 0) -> ort.InferenceSession:
     """A CPU session. optimize=False runs every node literally (Q/DQ as float math, as TensorRT computes);
     optimize=True lets ORT fuse Q/DQ into its INT8 kernels, as a user deploying on ORT-CPU runs it."""
+    ort.set_default_logger_severity(3)  # graph transformers log through the default logger, not the session's
     opts = ort.SessionOptions()
     opts.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize
                                      else ort.GraphOptimizationLevel.ORT_DISABLE_ALL)

@@ -45,11 +45,9 @@ class _Acc:
         self.max_abs = max(self.max_abs, float(err.max(initial=0.0)))
         self.sum_abs += float(err.sum())
         self.n_values += err.size
-        a, b = ref64.reshape(ref64.shape[0], -1), out64.reshape(out64.shape[0], -1)
-        denom = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
-        cos = np.where(denom > 0, (a * b).sum(axis=1) / np.maximum(denom, 1e-300), 1.0)
+        cos = sample_cosines(ref64, out64)
         self.sum_cos += float(cos.sum())
-        self.n_samples += a.shape[0]
+        self.n_samples += cos.shape[0]
         if classify:
             self.top1_same += int((ref.argmax(-1) == out.argmax(-1)).sum())
             self.n_top1 += int(np.prod(ref.shape[:-1]))
@@ -64,6 +62,14 @@ class _Acc:
             if with_labels:
                 row["top1_accuracy"] = 100.0 * self.top1_correct / max(self.n_top1, 1)
         return row
+
+
+def sample_cosines(ref: np.ndarray, out: np.ndarray) -> np.ndarray:
+    """Cosine similarity of each sample (first axis) of `out` with `ref`; 1 where both are zero."""
+    a = ref.astype(np.float64).reshape(ref.shape[0], -1)
+    b = out.astype(np.float64).reshape(out.shape[0], -1)
+    denom = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
+    return np.where(denom > 0, (a * b).sum(axis=1) / np.maximum(denom, 1e-300), 1.0)
 
 
 @dataclass

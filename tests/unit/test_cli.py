@@ -55,8 +55,8 @@ def test_build_writes_every_artefact(cnn, tmp_path):
     result = _build(model, "--int8", "--calib", calib, "--out", out)
     assert result.exit_code == 0, result.output
     names = sorted(p.name for p in out.iterdir())
-    assert names == ["calib.cache", "model.fp32.opt.onnx", "model.int8.qdq.onnx", "plots", "report.json",
-                     "report.md"]
+    assert names == ["calib.cache", "model.fp32.opt.onnx", "model.int8.qdq.onnx", "plots", "quant_config.json",
+                     "report.json", "report.md"]
     rep = json.loads((out / "report.json").read_text())
     assert rep["engine"]["built"] is False and "TensorRT" in rep["engine"]["reason"]
     acc = rep["accuracy"]

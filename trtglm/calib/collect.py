@@ -17,6 +17,7 @@ import onnx
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from trtglm.calib.rows import RowSample
 from trtglm.calib.stats import TensorStats
 from trtglm.errors import CalibrationError, DataError
 from trtglm import runtime
@@ -26,11 +27,14 @@ FLOAT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProt
 
 
 def collect(model: onnx.ModelProto, tensors: list[str], batches: Iterable[dict[str, np.ndarray]],
-            total: int | None = None, description: str = "calibrating") -> dict[str, TensorStats]:
+            total: int | None = None, description: str = "calibrating",
+            samples: dict[str, RowSample] | None = None) -> dict[str, TensorStats]:
     """Statistics of each float tensor in `tensors` over all `batches` (dicts of input name -> array).
 
-    `total` is the number of batches, when known, for the progress bar (stderr).
+    `total` is the number of batches, when known, for the progress bar (stderr). `samples` (tensor name ->
+    RowSample, names among `tensors`) are filled with rows of those tensors on the way.
     """
+    samples = samples or {}
     names = sorted(set(tensors))
     stats = {name: TensorStats(name) for name in names}
     graph_inputs = _graph_inputs(model)
@@ -55,6 +59,8 @@ def collect(model: onnx.ModelProto, tensors: list[str], batches: Iterable[dict[s
                     raise CalibrationError(f"calibration: tensor '{name}' has dtype {value.dtype}; only float "
                                            "activations can be calibrated")
                 stats[name].update(value)
+                if name in samples:
+                    samples[name].update(value)
             progress.advance(task)
     return stats
 

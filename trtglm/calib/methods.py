@@ -65,11 +65,16 @@ def amax_from_stats(stats: TensorStats, method: str, percentile: float = 99.99) 
 
 def scales_from_stats(stats: dict[str, TensorStats], method: str, percentile: float = 99.99) -> Scales:
     """Scales of every tensor, computed in sorted name order (byte-identical across runs)."""
+    return scales_for(stats, {name: method for name in stats}, percentile)
+
+
+def scales_for(stats: dict[str, TensorStats], methods: dict[str, str], percentile: float = 99.99) -> Scales:
+    """Scales of every tensor with its own method (`methods`: tensor name -> method)."""
     names = sorted(stats)
     # tensors are independent and numpy releases the GIL: a thread per core; map() keeps the sorted order
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
-        amax = list(pool.map(lambda n: amax_from_stats(stats[n], method, percentile), names))
-    return Scales(dict(zip(names, amax)), {n: method for n in names})
+        amax = list(pool.map(lambda n: amax_from_stats(stats[n], methods[n], percentile), names))
+    return Scales(dict(zip(names, amax)), {n: methods[n] for n in names})
 
 
 def _from_bins(stats: TensorStats, bins: int | None) -> float:

@@ -26,6 +26,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from trtglm.passes.fold_constants import annotate_shapes
+from trtglm.passes.match import constant_value, only_consumer, producer, single_consumer
 from trtglm.passes.naming import node_name, tensor_name
 
 if TYPE_CHECKING:
@@ -96,8 +97,8 @@ def _match_norm(var_reduce: gs.Node, outputs: set[int]) -> _Match | None:
     if not _reduces_last_axis(var_reduce):
         return None
     sq = var_reduce.inputs[0]
-    square = _producer(sq)
-    if square is None or not _only_consumer(sq, var_reduce, outputs):
+    square = producer(sq)
+    if square is None or not only_consumer(sq, var_reduce, outputs):
         return None
     if square.op == "Pow" and _is_scalar(square.inputs[1], 2.0):
         base = square.inputs[0]
@@ -111,10 +112,10 @@ def _match_norm(var_reduce: gs.Node, outputs: set[int]) -> _Match | None:
     eps, tail_nodes, normalized = tail
     nodes = [square, var_reduce, *tail_nodes]
 
-    center = _producer(base)
-    mean_reduce = _producer(center.inputs[1]) if center is not None and center.op == "Sub" else None
+    center = producer(base)
+    mean_reduce = producer(center.inputs[1]) if center is not None and center.op == "Sub" else None
     if (mean_reduce is not None and mean_reduce.op == "ReduceMean" and mean_reduce.inputs[0] is center.inputs[0]
-            and _reduces_last_axis(mean_reduce) and _only_consumer(center.inputs[1], center, outputs)):
+            and _reduces_last_axis(mean_reduce) and only_consumer(center.inputs[1], center, outputs)):
         # LayerNorm: d = base feeds only the square and the division.
         consumers = {id(n) for n in base.outputs}
         if consumers != {id(square), id(tail_nodes[-1])} or id(base) in outputs:
@@ -123,14 +124,14 @@ def _match_norm(var_reduce: gs.Node, outputs: set[int]) -> _Match | None:
     else:
         match = _Match("RMSNormalization", base, eps, nodes, normalized)
 
-    gamma_mul = _single_consumer(match.out, outputs)
+    gamma_mul = single_consumer(match.out, outputs)
     if gamma_mul is not None and gamma_mul.op == "Mul":
         gamma = _other_constant(gamma_mul, match.out)
         if gamma is not None:
             match.gamma, match.out = gamma, gamma_mul.outputs[0]
             match.nodes.append(gamma_mul)
     if match.kind == "LayerNormalization":
-        beta_add = _single_consumer(match.out, outputs)
+        beta_add = single_consumer(match.out, outputs)
         if beta_add is not None and beta_add.op == "Add":
             beta = _other_constant(beta_add, match.out)
             if beta is not None:
@@ -141,16 +142,16 @@ def _match_norm(var_reduce: gs.Node, outputs: set[int]) -> _Match | None:
 
 def _match_tail(var_reduce: gs.Node, base: gs.Tensor, outputs: set[int]):
     """ReduceMean -> Add(eps) -> Sqrt -> Div(base, .) | Reciprocal -> Mul(base, .): (eps, nodes, normalized)."""
-    add = _single_consumer(var_reduce.outputs[0], outputs)
+    add = single_consumer(var_reduce.outputs[0], outputs)
     if add is None or add.op != "Add":
         return None
     eps = _other_constant(add, var_reduce.outputs[0])
     if eps is None or eps.size != 1 or not np.isfinite(eps).all() or float(eps.reshape(-1)[0]) < 0:
         return None
-    sqrt = _single_consumer(add.outputs[0], outputs)
+    sqrt = single_consumer(add.outputs[0], outputs)
     if sqrt is None or sqrt.op != "Sqrt":
         return None
-    last = _single_consumer(sqrt.outputs[0], outputs)
+    last = single_consumer(sqrt.outputs[0], outputs)
     if last is None:
         return None
     nodes = [add, sqrt]
@@ -159,7 +160,7 @@ def _match_tail(var_reduce: gs.Node, base: gs.Tensor, outputs: set[int]):
             return None
     elif last.op == "Reciprocal":
         recip = last
-        last = _single_consumer(recip.outputs[0], outputs)
+        last = single_consumer(recip.outputs[0], outputs)
         if last is None or last.op != "Mul" or {id(t) for t in last.inputs} != {id(base), id(recip.outputs[0])}:
             return None
         nodes.append(recip)
@@ -175,7 +176,7 @@ def _reduces_last_axis(node: gs.Node) -> bool:
     if "axes" in node.attrs:
         axes = np.asarray(node.attrs["axes"]).reshape(-1)
     elif len(node.inputs) > 1 and not node.inputs[1].is_empty():
-        axes = _constant_value(node.inputs[1])
+        axes = constant_value(node.inputs[1])
         if axes is None:
             return False
         axes = axes.reshape(-1)
@@ -231,30 +232,6 @@ def _replace(graph: gs.Graph, match: _Match, params) -> None:
 # --- helpers -------------------------------------------------------------------------------------------------
 
 
-def _producer(tensor: gs.Tensor) -> gs.Node | None:
-    return tensor.inputs[0] if len(tensor.inputs) == 1 else None
-
-
-def _single_consumer(tensor: gs.Tensor, outputs: set[int]) -> gs.Node | None:
-    if id(tensor) in outputs or len({id(n) for n in tensor.outputs}) != 1:
-        return None
-    return tensor.outputs[0]
-
-
-def _only_consumer(tensor: gs.Tensor, node: gs.Node, outputs: set[int]) -> bool:
-    return _single_consumer(tensor, outputs) is node
-
-
-def _constant_value(tensor: gs.Tensor) -> np.ndarray | None:
-    """The value of an initializer or of a Constant node's output; None for anything computed at run time."""
-    if isinstance(tensor, gs.Constant):
-        return np.asarray(tensor.values)
-    producer = _producer(tensor)
-    if producer is not None and producer.op == "Constant" and isinstance(producer.attrs.get("value"), gs.Constant):
-        return np.asarray(producer.attrs["value"].values)
-    return None
-
-
 def _other_constant(node: gs.Node, tensor: gs.Tensor) -> np.ndarray | None:
     """The constant value of `node`'s other input (binary op with `tensor` as one input), else None."""
     if len(node.inputs) != 2:
@@ -265,9 +242,9 @@ def _other_constant(node: gs.Node, tensor: gs.Tensor) -> np.ndarray | None:
         other = node.inputs[0]
     else:
         return None
-    return _constant_value(other)
+    return constant_value(other)
 
 
 def _is_scalar(tensor: gs.Tensor, expected: float) -> bool:
-    value = _constant_value(tensor)
+    value = constant_value(tensor)
     return value is not None and value.size == 1 and float(value.reshape(-1)[0]) == expected

@@ -55,6 +55,9 @@ def plan_qdq(graph: gs.Graph, policy: PrecisionPolicy = PrecisionPolicy()) -> Qd
         if _excluded(node, policy.exclude):
             plan.skipped[node.name] = "excluded by --exclude"
             continue
+        if node.name in policy.keep_float:
+            plan.skipped[node.name] = "kept in float (accuracy budget or --quant-config)"
+            continue
         why_float = _policy_keeps_float(node, policy)
         if why_float:
             plan.skipped[node.name] = why_float

@@ -35,3 +35,14 @@ def run_passes(graph: gs.Graph, passes: Iterable[Pass], ctx: PassContext | None 
 
 def _opset(graph: gs.Graph) -> int:
     return int(graph.opset) if graph.opset else PassContext().opset
+
+
+def fusion_summary(graph: gs.Graph, counts: dict[str, int], ctx: PassContext) -> dict[str, int]:
+    """How many of each transformer block the optimized graph holds, fused by a pass, recognised and kept
+    decomposed (GELU below opset 20, attention with --attention decomposed), or already fused by the exporter."""
+    ops = [node.op for node in graph.nodes]
+    recognised_gelu = counts.get("fuse_gelu", 0) if ctx.opset < 20 else 0
+    recognised_attention = counts.get("fuse_attention", 0) if ctx.attention != "native" or ctx.opset < 23 else 0
+    return {"attention": ops.count("Attention") + recognised_attention,
+            "layernorm": ops.count("LayerNormalization"), "rmsnorm": ops.count("RMSNormalization"),
+            "gelu": ops.count("Gelu") + recognised_gelu, "qkv_groups": counts.get("fuse_qkv", 0)}

@@ -17,27 +17,26 @@ from __future__ import annotations
 import numpy as np
 import onnx_graphsurgeon as gs
 
+from trtglm.calib.search import smoothing_factors
 from trtglm.calib.stats import TensorStats
 
-S_MIN, S_MAX = 1e-5, 1e5
 
-
-def smooth_quant(graph: gs.Graph, stats: dict[str, TensorStats], alpha: float,
+def smooth_quant(graph: gs.Graph, stats: dict[str, TensorStats], alpha: float | dict[str, float],
                  keep_float: frozenset[str] = frozenset()) -> int:
-    """Smooth every observed activation feeding MatMuls with constant weights; returns how many were smoothed."""
+    """Smooth observed activations feeding MatMuls with constant weights: every one with a float `alpha`, or
+    those named in a dict {tensor name: alpha}. Returns how many tensors were smoothed."""
     tensors = graph.tensors()
     count = 0
     for name in sorted(stats):
+        strength = alpha.get(name) if isinstance(alpha, dict) else alpha
         channels = stats[name].channel_absmax
         tensor = tensors.get(name)
-        if channels is None or tensor is None:
+        if strength is None or channels is None or tensor is None:
             continue
         matmuls = [n for n in tensor.outputs if _smoothable(n, tensor, channels.size) and n.name not in keep_float]
         if not matmuls:
             continue
-        weight_max = np.max([np.abs(n.inputs[1].values).max(axis=1) for n in matmuls], axis=0).astype(np.float64)
-        s = np.clip(np.maximum(channels, 1e-8) ** alpha / np.maximum(weight_max, 1e-8) ** (1.0 - alpha),
-                    S_MIN, S_MAX)
+        s = smoothing_factors(channels, [n.inputs[1].values for n in matmuls], strength)
         smoothed = gs.Variable(f"{name}_smoothed", dtype=tensor.dtype, shape=tensor.shape)
         inv = gs.Constant(f"{name}_smooth_inv_scale", (1.0 / s).astype(np.float32))
         graph.nodes.append(gs.Node("Mul", f"{name}_SmoothQuant", inputs=[tensor, inv], outputs=[smoothed]))

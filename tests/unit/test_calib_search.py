@@ -1,0 +1,60 @@
+"""Row samples and the per-tensor searches: SmoothQuant alpha and calibration method chosen by output error."""
+
+import numpy as np
+
+from trtglm.calib.methods import METHODS
+from trtglm.calib.rows import RowSample
+from trtglm.calib.search import ALPHAS, choose_alpha, choose_method, output_error
+from trtglm.calib.stats import TensorStats
+
+
+def _stream(batches, capacity=64):
+    sample = RowSample("t", capacity)
+    stats = TensorStats("t")
+    for b in batches:
+        sample.update(b)
+        stats.update(b)
+    return sample, stats
+
+
+def test_row_sample_keeps_everything_until_full_then_a_bounded_deterministic_sample():
+    rng = np.random.default_rng(0)
+    small = [rng.standard_normal((2, 5, 8)).astype(np.float32) for _ in range(3)]
+    sample, _ = _stream(small, capacity=64)
+    np.testing.assert_array_equal(sample.rows, np.concatenate([b.reshape(-1, 8) for b in small]))
+    # 20 batches of 100 rows whose first column is the batch index: a fair sample reaches the late batches
+    big = [np.full((100, 8), i, dtype=np.float32) for i in range(20)]
+    a, _ = _stream(big, capacity=64)
+    b, _ = _stream(big, capacity=64)
+    assert a.rows.shape == (64, 8) and a.seen == 2000
+    np.testing.assert_array_equal(a.rows, b.rows)
+    assert a.rows[:, 0].max() >= 15 and len(np.unique(a.rows[:, 0])) >= 8
+
+
+def test_choose_alpha_smooths_an_outlier_channel_and_not_a_flat_one():
+    rng = np.random.default_rng(1)
+    w = [rng.standard_normal((32, 24)).astype(np.float32)]
+    x = rng.standard_normal((4, 64, 32)).astype(np.float32)
+    x[..., 3] *= 80.0  # one outlier channel, as after a transformer's LayerNorm
+    sample, stats = _stream([x], capacity=256)
+    choice = choose_alpha(stats, sample.rows, w, "minmax")
+    assert choice.value in ALPHAS
+    assert choice.errors[None] > 10 * choice.errors[choice.value]
+    flat = rng.standard_normal((4, 64, 32)).astype(np.float32)
+    sample, stats = _stream([flat], capacity=256)
+    choice = choose_alpha(stats, sample.rows, w, "minmax")
+    assert choice.errors[choice.value] <= choice.errors[None]
+    assert choice.errors[choice.value] == min(choice.errors.values())
+
+
+def test_choose_method_returns_the_least_error_and_output_error_is_relative():
+    rng = np.random.default_rng(2)
+    w = [rng.standard_normal((16, 8)).astype(np.float32)]
+    x = rng.standard_t(3, size=(8, 32, 16)).astype(np.float32)  # heavy tails: the methods disagree
+    sample, stats = _stream([x], capacity=256)
+    choice = choose_method(stats, sample.rows, w)
+    assert set(choice.errors) == set(METHODS)
+    assert choice.errors[choice.value] == min(choice.errors.values())
+    rows = sample.rows
+    assert output_error(rows, w, float(np.abs(rows).max())) < 5e-3  # minmax on heavy tails: coarse but unclipped
+    assert output_error(rows, w, 1e-3) > 0.5  # everything clipped to almost zero

@@ -1,0 +1,32 @@
+"""Small graph-matching helpers shared by the fusion passes (a tensor's producer, its single consumer, its
+constant value). A pattern may only swallow a tensor that nothing else reads and that is no graph output."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+
+def producer(tensor: gs.Tensor) -> gs.Node | None:
+    return tensor.inputs[0] if len(tensor.inputs) == 1 else None
+
+
+def single_consumer(tensor: gs.Tensor, outputs: set[int]) -> gs.Node | None:
+    """The one node reading `tensor`, or None when it has several readers or is a graph output (id in `outputs`)."""
+    if id(tensor) in outputs or len({id(n) for n in tensor.outputs}) != 1:
+        return None
+    return tensor.outputs[0]
+
+
+def only_consumer(tensor: gs.Tensor, node: gs.Node, outputs: set[int]) -> bool:
+    return single_consumer(tensor, outputs) is node
+
+
+def constant_value(tensor: gs.Tensor) -> np.ndarray | None:
+    """The value of an initializer or of a Constant node's output; None for anything computed at run time."""
+    if isinstance(tensor, gs.Constant):
+        return np.asarray(tensor.values)
+    node = producer(tensor)
+    if node is not None and node.op == "Constant" and isinstance(node.attrs.get("value"), gs.Constant):
+        return np.asarray(node.attrs["value"].values)
+    return None
