@@ -27,5 +27,10 @@ bench:
 	.venv-bench/bin/python examples/digits/train.py --out $(DIGITS)
 	.venv-bench/bin/python bench/calibration.py
 
+.PHONY: bench-minilm
+bench-minilm:
+	bash bench/setup.sh
+	.venv-bench/bin/python bench/minilm.py
+
 clean:
 	rm -rf $(VENV) out $(DIGITS) .pytest_cache

