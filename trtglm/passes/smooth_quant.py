@@ -4,9 +4,14 @@ Why: transformer activations that feed linear layers (LayerNorm and GELU outputs
 |x| is 10-100x the rest, so one per-tensor INT8 scale either clips them or leaves the other channels a handful of
 levels. X @ W == (X / s) @ (diag(s) W) for any per-channel s > 0: with s_j = max|X_j|^alpha / max|W_j|^(1-alpha)
 the activation's channels are flattened and the weights (quantized per output channel, so they absorb it well)
-take the difference. The division is a per-channel Mul in front of the MatMuls, which TensorRT fuses into the
-producing kernel's epilogue (a pointwise op). Only MatMuls with a constant 2-D weight (K, N) whose activation's
-last axis is K are smoothed; other consumers of the tensor keep reading it unchanged.
+take the difference. Only MatMuls with a constant 2-D weight (K, N) whose activation's last axis is K are smoothed.
+
+Where the division goes: when the tensor is the output of a LayerNormalization or RMSNormalization with constant
+scale (and bias) and only smoothed MatMuls read it (pre-norm decoders: GLM, Llama), 1/s is folded into the
+normalization's scale and bias, so the graph gains no node. Otherwise (BERT's post-norm outputs also feed the
+residual Add; GELU outputs) it is a per-channel Mul in front of the MatMuls, which TensorRT fuses into the
+producing kernel's epilogue, and the other consumers keep reading the unsmoothed tensor. Either way the layers
+then read a tensor named `<name>_smoothed`.
 
 Unlike the other passes it needs calibration statistics (per-channel absmax), so the pipeline runs it between
 a first calibration pass and the calibration of the smoothed activations.
@@ -38,8 +43,9 @@ def smooth_quant(graph: gs.Graph, stats: dict[str, TensorStats], alpha: float | 
             continue
         s = smoothing_factors(channels, [n.inputs[1].values for n in matmuls], strength)
         smoothed = gs.Variable(f"{name}_smoothed", dtype=tensor.dtype, shape=tensor.shape)
-        inv = gs.Constant(f"{name}_smooth_inv_scale", (1.0 / s).astype(np.float32))
-        graph.nodes.append(gs.Node("Mul", f"{name}_SmoothQuant", inputs=[tensor, inv], outputs=[smoothed]))
+        if not _fold_into_norm(graph, tensor, smoothed, matmuls, s):
+            inv = gs.Constant(f"{name}_smooth_inv_scale", (1.0 / s).astype(np.float32))
+            graph.nodes.append(gs.Node("Mul", f"{name}_SmoothQuant", inputs=[tensor, inv], outputs=[smoothed]))
         for node in matmuls:
             weight = node.inputs[1]
             scaled = (weight.values.astype(np.float64) * s[:, None]).astype(weight.values.dtype)
@@ -48,6 +54,23 @@ def smooth_quant(graph: gs.Graph, stats: dict[str, TensorStats], alpha: float | 
         count += 1
     graph.cleanup().toposort()
     return count
+
+
+def _fold_into_norm(graph: gs.Graph, tensor: gs.Variable, smoothed: gs.Variable, matmuls: list[gs.Node],
+                    s: np.ndarray) -> bool:
+    """Divide a normalization's scale (and bias) by s and make it write `smoothed`; False when it cannot."""
+    norm = tensor.inputs[0] if len(tensor.inputs) == 1 else None
+    if (norm is None or norm.op not in ("LayerNormalization", "RMSNormalization") or tensor in graph.outputs
+            or len(norm.outputs) != 1 or {id(n) for n in tensor.outputs} != {id(n) for n in matmuls}):
+        return False
+    params = norm.inputs[1:3]
+    if not all(isinstance(p, gs.Constant) for p in params) or any(p.values.shape[-1:] != s.shape for p in params):
+        return False
+    for i, param in enumerate(params, start=1):  # copies: parameters may be shared
+        values = (param.values.astype(np.float64) / s).astype(param.values.dtype)
+        norm.inputs[i] = gs.Constant(f"{param.name}_smoothed", values)
+    norm.outputs[0] = smoothed
+    return True
 
 
 def _smoothable(node: gs.Node, tensor: gs.Tensor, channels: int) -> bool:
