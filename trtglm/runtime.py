@@ -15,7 +15,7 @@ from trtglm.onnx_io import PROTO_LIMIT, save_model
 def session(model: onnx.ModelProto, optimize: bool, threads: int = 0) -> ort.InferenceSession:
     """A CPU session. optimize=False runs every node literally (Q/DQ as float math, as TensorRT computes);
     optimize=True lets ORT fuse Q/DQ into its INT8 kernels, as a user deploying on ORT-CPU runs it."""
-    ort.set_default_logger_severity(3)  # graph transformers log through the default logger, not the session's
+    quiet()
     opts = ort.SessionOptions()
     opts.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize
                                      else ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
@@ -28,6 +28,12 @@ def session(model: onnx.ModelProto, optimize: bool, threads: int = 0) -> ort.Inf
     with tempfile.TemporaryDirectory() as tmp:  # over 2 GB: ORT must read external data from disk
         path = save_model(model, Path(tmp) / "model.onnx")
         return ort.InferenceSession(str(path), opts, providers=providers)
+
+
+def quiet() -> None:
+    """Errors only from ONNX Runtime's default logger: its graph transformers (also in the sessions that
+    onnx-graphsurgeon's constant folding opens) warn there about rewrites they skip, which is no news to a user."""
+    ort.set_default_logger_severity(3)
 
 
 @functools.lru_cache(maxsize=1)

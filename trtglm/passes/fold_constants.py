@@ -21,6 +21,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
+from trtglm import runtime
 from trtglm.onnx_io import PROTO_LIMIT
 
 if TYPE_CHECKING:
@@ -50,6 +51,7 @@ def fold_constants(graph: gs.Graph, ctx: PassContext) -> int:
 def _fold_once(graph: gs.Graph) -> None:
     """One ORT session for the whole foldable subgraph; if it fails, one per output node (slower, partial)."""
     try:
+        runtime.quiet()  # graphsurgeon folds with ONNX Runtime sessions of its own
         graph.fold_constants(fold_shapes=True, partitioning=None, error_ok=False)
     except Exception:  # noqa: BLE001 - whatever ORT raised, the partitioned fold skips just the failing part
         graph.fold_constants(fold_shapes=True, partitioning="basic", error_ok=True)
