@@ -45,6 +45,11 @@ def test_native_attention_becomes_one_attention_op_and_stays_accurate(attention,
     int8 = onnx.load(tmp_path / "n" / "model.int8.qdq.onnx")
     ops = [n.op_type for n in int8.graph.node]
     assert ops.count("Attention") == 1 and "Softmax" not in ops
+    producers = {o: n.op_type for n in int8.graph.node for o in n.output}
+    attention_node = next(n for n in int8.graph.node if n.op_type == "Attention")
+    assert all(producers.get(t) != "DequantizeLinear" for t in attention_node.input)  # BMMs and mask stay float
+    assert ops.count("MatMul") == 2 and all(producers.get(n.input[1]) == "DequantizeLinear"
+                                            for n in int8.graph.node if n.op_type == "MatMul")  # QKV, out: INT8
     assert next(o.version for o in int8.opset_import if o.domain in ("", "ai.onnx")) >= 23
     assert min(_cosine(rep).values()) > 0.99
     assert rep["accuracy"]["fp32_optimized_max_rel_err"] < 1e-4
