@@ -107,6 +107,9 @@ def test_rmsnorm_only_from_opset_23():
     model = _norm_model(kind="rmsnorm", opset=17)
     fused, count = _fuse(model, 17)
     assert count == 0 and "RMSNormalization" not in models.ops(fused)
+    graph, ctx = gs.import_onnx(model), PassContext(opset=17)
+    fuse_layernorm(graph, ctx)
+    assert ctx.recognised["rmsnorm"] == 1  # kept decomposed, still counted by the fusion summary
 
 
 def test_rmsnorm_fused_at_opset_23():

@@ -5,6 +5,7 @@ The order is explicit (DEFAULT_PIPELINE); there is no registry.
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass, field
 
 import onnx_graphsurgeon as gs
@@ -17,6 +18,9 @@ class PassContext:
     opset: int = 17
     log: list[str] = field(default_factory=list)
     attention: str = "decomposed"  # --attention: "native" rewrites to the opset-23 Attention op
+    # blocks a pass recognised but left decomposed (GELU below opset 20, attention in decomposed mode, RMSNorm
+    # below opset 23), by kind: TensorRT still sees them, and the fusion summary counts them
+    recognised: Counter = field(default_factory=Counter)
 
 
 # The FP32 passes, in order: pass-throughs go first (a weight behind an Identity is not a constant), folding

@@ -98,6 +98,8 @@ def fuse_attention(graph: gs.Graph, ctx: PassContext) -> int:
                        + (f" -> Attention (scale={block.scale:.6g})" if native else ""))
         if native:
             _replace(graph, block)
+        else:
+            ctx.recognised["attention"] += 1
     graph.cleanup().toposort()
     return len(blocks)
 

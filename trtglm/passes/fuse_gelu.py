@@ -58,6 +58,7 @@ def fuse_gelu(graph: gs.Graph, ctx: PassContext) -> int:
             _replace(graph, match)
             ctx.log.append(f"fuse_gelu: {len(match.nodes)} nodes ({form} form) -> Gelu '{match.out.name}'")
         else:
+            ctx.recognised["gelu"] += 1
             ctx.log.append(f"fuse_gelu: GELU ({form} form) at '{match.out.name}' recognised, kept decomposed: "
                            f"opset {ctx.opset} < {GELU_OPSET} has no Gelu")
     graph.cleanup().toposort()

@@ -65,6 +65,7 @@ def fuse_layernorm(graph: gs.Graph, ctx: PassContext) -> int:
         if match.kind == "RMSNormalization" and ctx.opset < RMSNORM_OPSET:
             # TODO: lower RMSNorm for opset < 23 once TensorRT's INormalizationLayer path for it is settled
             # (e.g. a LayerNormalization-free plugin or keep the decomposed form, which TensorRT runs as is).
+            ctx.recognised["rmsnorm"] += 1
             ctx.log.append(f"fuse_layernorm: RMSNorm at {reduce.name} kept: opset {ctx.opset} < {RMSNORM_OPSET}")
             continue
         hidden = _hidden_size(match)

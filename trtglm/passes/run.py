@@ -38,11 +38,10 @@ def _opset(graph: gs.Graph) -> int:
 
 
 def fusion_summary(graph: gs.Graph, counts: dict[str, int], ctx: PassContext) -> dict[str, int]:
-    """How many of each transformer block the optimized graph holds, fused by a pass, recognised and kept
-    decomposed (GELU below opset 20, attention with --attention decomposed), or already fused by the exporter."""
+    """How many of each transformer block the optimized graph holds: fused into one op (by a pass or already by
+    the exporter), or recognised by a pass and kept decomposed (ctx.recognised)."""
     ops = [node.op for node in graph.nodes]
-    recognised_gelu = counts.get("fuse_gelu", 0) if ctx.opset < 20 else 0
-    recognised_attention = counts.get("fuse_attention", 0) if ctx.attention != "native" or ctx.opset < 23 else 0
-    return {"attention": ops.count("Attention") + recognised_attention,
-            "layernorm": ops.count("LayerNormalization"), "rmsnorm": ops.count("RMSNormalization"),
-            "gelu": ops.count("Gelu") + recognised_gelu, "qkv_groups": counts.get("fuse_qkv", 0)}
+    return {"attention": ops.count("Attention") + ctx.recognised["attention"],
+            "layernorm": ops.count("LayerNormalization"),
+            "rmsnorm": ops.count("RMSNormalization") + ctx.recognised["rmsnorm"],
+            "gelu": ops.count("Gelu") + ctx.recognised["gelu"], "qkv_groups": counts.get("fuse_qkv", 0)}
