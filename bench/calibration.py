@@ -47,7 +47,8 @@ class Tool:
 
 
 TOOLS = (
-    Tool("trtglm-entropy", "trtglm", "entropy", "trtglm build --calib-method entropy (default)"),
+    Tool("trtglm", "trtglm", "auto", "trtglm build (defaults: --calib-method auto, --smoothquant auto)"),
+    Tool("trtglm-entropy", "trtglm", "entropy", "trtglm build --calib-method entropy"),
     Tool("trtglm-minmax", "trtglm", "minmax", "trtglm build --calib-method minmax"),
     Tool("trtglm-percentile", "trtglm", "percentile", "trtglm build --calib-method percentile --percentile {p}"),
     Tool("modelopt-entropy", "modelopt", "entropy",
@@ -63,7 +64,7 @@ TOOLS = (
          "with activation_type=QUInt8"),
 )
 TOOLS_BY_NAME = {t.name: t for t in TOOLS}
-TRTGLM_ROW = "trtglm-entropy"
+TRTGLM_ROW = "trtglm"
 WALL_PEER = "modelopt-entropy"
 
 
