@@ -124,3 +124,12 @@ def test_nothing_to_remove(builder):
     model = builder()
     out = check(model, ops(model), 0)
     assert ops(out) == ops(model)
+
+
+def test_same_type_cast_is_bypassed_and_a_converting_cast_is_kept():
+    nodes = [helper.make_node("Cast", ["input"], ["same"], name="same", to=TensorProto.FLOAT),
+             helper.make_node("Relu", ["same"], ["r"], name="relu"),
+             helper.make_node("Cast", ["r"], ["half"], name="to_half", to=TensorProto.FLOAT16),
+             helper.make_node("Cast", ["half"], ["output"], name="back", to=TensorProto.FLOAT)]
+    model = onnx.shape_inference.infer_shapes(_model(nodes, ["output"]))
+    check(model, ["Relu", "Cast", "Cast"], 1)

@@ -1,7 +1,8 @@
-"""Remove Identity and inference-mode Dropout nodes, and nodes that feed no graph output.
+"""Remove Identity, inference-mode Dropout and same-type Cast nodes, and nodes that feed no graph output.
 
 Why: exporters leave Identity nodes (renamed outputs, tied weights) and Dropout (a no-op at inference) between
-layers. TensorRT fuses Conv+BN+activation and places Q/DQ by looking at a layer's direct neighbours, so a
+layers, and a Cast to the type the tensor already has (Llama's and T5's RMSNorm cast float32 to float32 around
+the normalization). TensorRT fuses Conv+BN+activation and places Q/DQ by looking at a layer's direct neighbours, so a
 pass-through node between them breaks the pattern (Conv -> Identity -> Relu is not fused; a weight behind an
 Identity is not a constant for fold_batchnorm or insert_qdq). Dead nodes would only be calibrated and built for
 nothing.
@@ -16,6 +17,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 import numpy as np
+import onnx
 import onnx_graphsurgeon as gs
 
 if TYPE_CHECKING:
@@ -28,7 +30,8 @@ def remove_identity(graph: gs.Graph, ctx: PassContext) -> int:
     bypassed = 0
     for node in list(graph.nodes):
         outputs = {t.name for t in graph.outputs}
-        if node.op == "Identity" or (node.op == "Dropout" and _dropout_is_identity(node, outputs)):
+        if (node.op == "Identity" or (node.op == "Dropout" and _dropout_is_identity(node, outputs))
+                or (node.op == "Cast" and _cast_is_identity(node))):
             if _bypass(graph, node):
                 bypassed += 1
     graph.cleanup().toposort()
@@ -36,6 +39,16 @@ def remove_identity(graph: gs.Graph, ctx: PassContext) -> int:
     if bypassed or dead:
         ctx.log.append(f"remove_identity: {bypassed} Identity/Dropout bypassed, {dead} dead nodes removed")
     return bypassed + dead
+
+
+def _cast_is_identity(node: gs.Node) -> bool:
+    src = node.inputs[0]
+    if src.dtype is None or "to" not in node.attrs:
+        return False
+    try:
+        return np.dtype(src.dtype) == np.dtype(onnx.helper.tensor_dtype_to_np_dtype(int(node.attrs["to"])))
+    except (TypeError, KeyError, ValueError):
+        return False
 
 
 def _dropout_is_identity(node: gs.Node, graph_outputs: set[str]) -> bool:
