@@ -41,7 +41,10 @@ def _norm_model(kind="layernorm", opset=17, square="Pow", recip=False, extra_con
         nodes.append(helper.make_node("Mul", [base, base], ["sq"]))
     reduce("sq", "var")
     nodes += [helper.make_node("Add", ["var", "eps"], ["ve"]), helper.make_node("Sqrt", ["ve"], ["std"])]
-    if recip:
+    if recip == "div":  # torch.rsqrt as TorchScript exports it: Div(1, Sqrt)
+        inits.append(helper.make_tensor("one", TensorProto.FLOAT, [], [1.0]))
+        nodes += [helper.make_node("Div", ["one", "std"], ["inv"]), helper.make_node("Mul", ["inv", base], ["n"])]
+    elif recip:
         nodes += [helper.make_node("Reciprocal", ["std"], ["inv"]), helper.make_node("Mul", [base, "inv"], ["n"])]
     else:
         nodes.append(helper.make_node("Div", [base, "std"], ["n"]))
@@ -76,7 +79,7 @@ def _check_equal(before, after):
 
 
 @pytest.mark.parametrize("opset", [17, 18])
-@pytest.mark.parametrize("square,recip", [("Pow", False), ("Mul", False), ("Pow", True)])
+@pytest.mark.parametrize("square,recip", [("Pow", False), ("Mul", False), ("Pow", True), ("Pow", "div")])
 def test_layernorm_fused_into_one_node(opset, square, recip):
     model = _norm_model(opset=opset, square=square, recip=recip)
     fused, count = _fuse(model, opset)
@@ -112,8 +115,9 @@ def test_rmsnorm_only_from_opset_23():
     assert ctx.recognised["rmsnorm"] == 1  # kept decomposed, still counted by the fusion summary
 
 
-def test_rmsnorm_fused_at_opset_23():
-    model = _norm_model(kind="rmsnorm", opset=23)
+@pytest.mark.parametrize("recip", [False, "div"])
+def test_rmsnorm_fused_at_opset_23(recip):
+    model = _norm_model(kind="rmsnorm", opset=23, recip=recip)
     fused, count = _fuse(model, 23)
     assert count == 1 and "RMSNormalization" in models.ops(fused)
     _check_equal(model, fused)

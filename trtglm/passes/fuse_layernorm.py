@@ -10,7 +10,8 @@ Matched, over the last axis only (ReduceMean axes=[-1] or [rank-1], keepdims=1; 
 opset 18, as a constant input from opset 18):
   LayerNorm  d = x - ReduceMean(x); v = ReduceMean(d^2 | d*d); n = d / Sqrt(v + eps)  (or d * Reciprocal(Sqrt))
              y = n [* gamma] [+ beta]      ->  LayerNormalization(x, gamma|ones, beta|zeros, axis=-1, epsilon)
-  RMSNorm    v = ReduceMean(x^2 | x*x); n = x / Sqrt(v + eps)  (or x * Reciprocal(Sqrt)); y = n [* gamma]
+  RMSNorm    v = ReduceMean(x^2 | x*x); n = x / Sqrt(v + eps)  (or x * Reciprocal(Sqrt) | x * (1 / Sqrt));
+             y = n [* gamma]
                                            ->  RMSNormalization(x, gamma|ones, axis=-1, epsilon)
 Every intermediate tensor has a single consumer (d has exactly two: the square and the division) and is no
 graph output. LayerNormalization needs opset >= 17 and RMSNormalization opset >= 23; below those the pass
@@ -156,7 +157,14 @@ def _match_tail(var_reduce: gs.Node, base: gs.Tensor, outputs: set[int]):
     if last is None:
         return None
     nodes = [add, sqrt]
-    if last.op == "Div":
+    if last.op == "Div" and last.inputs[0] is not base and _is_scalar(last.inputs[0], 1.0):
+        recip = last  # Div(1, Sqrt): how TorchScript exports torch.rsqrt (Llama's and T5's RMSNorm)
+        last = single_consumer(recip.outputs[0], outputs)
+        if recip.inputs[1] is not sqrt.outputs[0] or last is None or last.op != "Mul" \
+                or {id(t) for t in last.inputs} != {id(base), id(recip.outputs[0])}:
+            return None
+        nodes.append(recip)
+    elif last.op == "Div":
         if last.inputs[0] is not base or last.inputs[1] is not sqrt.outputs[0]:
             return None
     elif last.op == "Reciprocal":
