@@ -9,7 +9,7 @@ are unchanged and the INT8 model computes exactly what the separate projections 
 Matched: two or more MatMul(x, W_i) with the same x and constant 2-D floating weights W_i of shape (K, N_i) with
 one K and one dtype, each optionally followed by Add(., b_i) of a constant bias that broadcasts over the last
 axis only (shape (N_i,) or (1, .., 1, N_i), of no higher rank than x) and is the MatMul's only consumer.
-Members with a bias and members without one form separate groups. Rewritten as
+When some members have a bias, the others get a zero one (Whisper's k_proj has no bias). Rewritten as
   MatMul(x, concat(W_i)) [-> Add(., concat(b_i))] -> Split(axis=-1, sizes N_i)
 whose outputs are the old output tensors (names, consumers and graph outputs kept). Weights shared with other
 nodes stay as they are: the concatenation is a new constant.
@@ -48,7 +48,7 @@ def fuse_qkv(graph: gs.Graph, ctx: PassContext) -> int:
     for node in graph.nodes:
         member = _member(node, outputs)
         if member is not None:
-            key = (id(node.inputs[0]), member.weight.shape[0], member.weight.dtype.str, member.bias is not None)
+            key = (id(node.inputs[0]), member.weight.shape[0], member.weight.dtype.str)
             groups.setdefault(key, []).append(member)
     fused = 0
     for members in groups.values():
@@ -103,9 +103,10 @@ def _replace(graph: gs.Graph, x: gs.Tensor, members: list[_Member], opset: int) 
                          np.concatenate([m.weight for m in members], axis=1))
     fused = gs.Variable(tensor_name(graph, f"{base}_fused_output"), dtype=weight.values.dtype)
     new_nodes = [gs.Node("MatMul", name=node_name(graph, f"{base}_fused"), inputs=[x, weight], outputs=[fused])]
-    if members[0].bias is not None:
-        bias = gs.Constant(tensor_name(graph, f"{base}_fused_bias"),
-                           np.concatenate([m.bias.reshape(-1) for m in members]))
+    if any(m.bias is not None for m in members):
+        bias = gs.Constant(tensor_name(graph, f"{base}_fused_bias"), np.concatenate(
+            [m.bias.reshape(-1) if m.bias is not None else np.zeros(m.weight.shape[1], m.weight.dtype)
+             for m in members]))
         summed = gs.Variable(tensor_name(graph, f"{base}_fused_bias_output"), dtype=fused.dtype)
         new_nodes.append(gs.Node("Add", name=node_name(graph, f"{base}_fused_bias_add"), inputs=[fused, bias],
                                  outputs=[summed]))
