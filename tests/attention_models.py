@@ -22,13 +22,17 @@ from onnx import TensorProto, helper, numpy_helper
 
 HEADS = 4
 HEAD_DIM = 8
+# bert: Div-scaled scores + additive mask; sdpa: PyTorch SDPA (sqrt scales, Where mask, NaN guard); gqa: repeat_kv;
+# rotary: RoPE on Q and K; bias: bert plus a relative position bias Add (MPNet, T5); dynamo: bert with K^T written
+# as Reshape(Transpose(Reshape(K4, [B*H, Sk, D]), 0,2,1), [B, H, D, Sk]) as PyTorch's dynamo exporter does
+STYLES = ("bert", "sdpa", "gqa", "rotary", "bias", "dynamo")
 
 
 def build_attention_block(style: str = "bert", seq: int | str = 6, kv_heads: int = 2, opset: int = 17,
                           softmax_axis: int = -1, probs_output: bool = False, constant_k: bool = False,
                           seed: int = 0) -> onnx.ModelProto:
-    if style not in ("bert", "sdpa", "gqa", "rotary"):
-        raise ValueError(f"style {style!r}: expected 'bert', 'sdpa', 'gqa' or 'rotary'")
+    if style not in STYLES:
+        raise ValueError(f"style {style!r}: expected one of {', '.join(STYLES)}")
     rng = np.random.default_rng(seed)
     hidden, d = HEADS * HEAD_DIM, HEAD_DIM
     kv = kv_heads if style == "gqa" else HEADS
@@ -82,7 +86,12 @@ def build_attention_block(style: str = "bert", seq: int | str = 6, kv_heads: int
             q, k = op("Div", [q, root], "q.scaled"), op("Div", [k, root], "k.scaled")
         if style == "gqa":
             k = repeat_kv(k, "k")
-        kt = op("Transpose", [k], "kt", perm=[0, 1, 3, 2])
+        if style == "dynamo":
+            flat = op("Reshape", [k, const("k.flat_shape", np.array([-1, seq, d], np.int64))], "k.flat")
+            flat_t = op("Transpose", [flat], "k.flat_t", perm=[0, 2, 1])
+            kt = op("Reshape", [flat_t, const("kt.shape", np.array([-1, HEADS, d, seq], np.int64))], "kt")
+        else:
+            kt = op("Transpose", [k], "kt", perm=[0, 1, 3, 2])
     if constant_k:
         kt = const("kt.const", rng.standard_normal((1, HEADS, d, seq)).astype(np.float32))
     v = heads_split("v", kv, [0, 2, 1, 3])
@@ -90,8 +99,11 @@ def build_attention_block(style: str = "bert", seq: int | str = 6, kv_heads: int
         v = repeat_kv(v, "v")
 
     scores = op("MatMul", [q, kt], "scores")
-    if style == "bert":
+    if style in ("bert", "bias", "dynamo"):
         scores = op("Div", [scores, const("scores.div", np.array(math.sqrt(d), np.float32))], "scores.scaled")
+        if style == "bias":
+            bias = const("position_bias", rng.standard_normal((1, HEADS, seq, seq)).astype(np.float32))
+            scores = op("Add", [scores, bias], "scores.biased")
         inputs.append(helper.make_tensor_value_info("attention_mask", TensorProto.FLOAT, ["N", 1, 1, seq]))
         scores = op("Add", [scores, "attention_mask"], "scores.masked")
     elif style == "gqa":

@@ -109,6 +109,10 @@ def build(cfg: BuildConfig, console=None) -> dict:
             policy = replace(cfg.policy, keep_float=pinned.keep_float)
             plan = plan_qdq(graph, policy)
         con.print(f"[bold]fused[/] {_fmt_counts(fusions)}")
+        unmatched = sum(node.op == "Softmax" for node in graph.nodes)
+        if cfg.attention == "native" and unmatched:
+            con.print(f"[yellow]warning[/]: --attention native: {unmatched} Softmax not part of a recognised attention "
+                      "block, kept decomposed (report.json: pass_log says why)")
         con.print(f"[bold]passes[/] {_fmt_counts(pass_counts)}"
                   + (f"; Q/DQ plan: {len(plan.activations)} activations, {len(plan.weights)} weights" if cfg.int8
                      else ""))
@@ -179,7 +183,8 @@ def build(cfg: BuildConfig, console=None) -> dict:
                 fp32_rel_err = verify.max_relative_error(original, fp32, feeds)
                 comparison = verify.compare_with_fp32(original, model, eval_set.batches(eval_idx, cfg.batch_size),
                                                       eval_set.labels(eval_idx))
-        rep = report.make(cfg=cfg, artefacts=final, pass_counts=pass_counts, fusions=fusions, plan=plan, scales=scales, stats=stats,
+        rep = report.make(cfg=cfg, artefacts=final, pass_counts=pass_counts, fusions=fusions, pass_log=ctx.log,
+                          plan=plan, scales=scales, stats=stats,
                           n_quantized=n_quantized, seven_bit_ops=seven_bit_ops, comparison=comparison,
                           fp32_rel_err=fp32_rel_err, engine=_engine_status(), layers=layers, sensitivity=sens,
                           timings=timer.stages, peak_rss_mb=_peak_rss_mb(), stage_peak_rss_mb=timer.peak_rss_mb,

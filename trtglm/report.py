@@ -32,7 +32,7 @@ def console() -> Console:
     return Console(stderr=True, highlight=False, soft_wrap=True)
 
 
-def make(*, cfg, artefacts, pass_counts, fusions, plan, scales, stats, n_quantized, seven_bit_ops, comparison, fp32_rel_err,
+def make(*, cfg, artefacts, pass_counts, fusions, pass_log, plan, scales, stats, n_quantized, seven_bit_ops, comparison, fp32_rel_err,
          engine, layers, sensitivity, timings, peak_rss_mb, stage_peak_rss_mb, eval_source) -> dict:
     tensors = {}
     for name in sorted(scales.amax):
@@ -50,6 +50,7 @@ def make(*, cfg, artefacts, pass_counts, fusions, plan, scales, stats, n_quantiz
         "weights": _weights_text(seven_bit_ops),
         "passes": pass_counts,
         "fusions": fusions,
+        "pass_log": pass_log,
         "quantization": {"tensors_quantized": n_quantized, "activations": len(plan.activations),
                          "weights": len(plan.weights), "residual_adds": plan.residual_adds,
                          "linear_layers": len(layers),

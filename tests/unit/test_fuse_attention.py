@@ -33,7 +33,8 @@ def _check_equal(before, after, feeds=None):
     assert models.max_rel_err(ref, got) < 1e-5
 
 
-@pytest.mark.parametrize("style,seq", [("bert", 6), ("bert", "S"), ("sdpa", 6), ("gqa", 6), ("rotary", 6)])
+@pytest.mark.parametrize("style,seq", [("bert", 6), ("bert", "S"), ("sdpa", 6), ("gqa", 6), ("rotary", 6),
+                                       ("bias", 6), ("dynamo", 6)])
 def test_native_replaces_the_block_by_one_attention_node(style, seq):
     model = build_attention_block(style, seq=seq, opset=23)
     fused, count, log = _fuse(model)
@@ -41,6 +42,7 @@ def test_native_replaces_the_block_by_one_attention_node(style, seq):
     ops = models.ops(fused)
     assert ops.count("Attention") == 1
     assert not {"Softmax", "IsNaN", "Div"} & set(ops) and ops.count("MatMul") == 4  # Q, K, V, out projections
+    assert ops.count("Add") == {"bias": 1, "rotary": 2}.get(style, 0)  # bias + mask summed; rotary keeps its Adds
     attention = next(n for n in fused.graph.node if n.op_type == "Attention")
     attrs = _attrs(attention)
     assert attrs["scale"] == pytest.approx(1 / math.sqrt(HEAD_DIM), rel=1e-6)

@@ -10,11 +10,13 @@ Matched, ending at a Softmax over the last axis (every tensor between Q4/K4/V4 a
 is no graph output; Q, K, V are not constants):
   Q4 [B,Hq,Sq,D]   any producer (a head split, or a rotary-embedding subgraph)
   K^T              Transpose(perm 0,1,3,2) of K4 [B,Hkv,Sk,D], or Transpose(perm 0,2,3,1) of the [B,Sk,Hkv,D]
-                   head split (then K4 is a new Transpose(0,2,1,3) of it)
+                   head split (then K4 is a new Transpose(0,2,1,3) of it), or (PyTorch's dynamo exporter)
+                   Reshape(Transpose(Reshape(K4, [B*H, Sk, D]), perm 0,2,1), [B, H, D, Sk])
   scales           Mul/Div by constant scalars on Q4, on K (before or after the transpose) and on the scores;
                    their product is the Attention `scale`
-  scores = MatMul(Q4, K^T) [* scales] [+ mask] -> Softmax(axis=-1) [-> Where(IsNaN(p), 0, p)] -> MatMul(P, V4)
-  mask             the other input of the Add: a float additive mask from anywhere, of rank <= 4
+  scores = MatMul(Q4, K^T) [* scales] [+ mask ...] -> Softmax(axis=-1) [-> Where(IsNaN(p), 0, p)] -> MatMul(P, V4)
+  mask             the other inputs of up to three Adds (a padding mask, a relative position bias): float additive
+                   terms from anywhere, of rank <= 4; native mode sums them into one mask
   GQA              K4 and V4 both behind HF's repeat_kv (Unsqueeze(axis 2) -> Expand -> Reshape): the unexpanded
                    K/V go to Attention, which repeats the Hkv heads itself
 Modes (ctx.attention): "decomposed" only recognises and logs each block; "native" (opset >= 23) replaces it by
@@ -52,6 +54,7 @@ ATTENTION_OPSET = 23
 MODES = ("decomposed", "native")
 K_TRANSPOSED = [0, 1, 3, 2]  # K4 [B,H,Sk,D] -> K^T
 K_SEQ_FIRST = [0, 2, 3, 1]  # [B,Sk,H,D] -> K^T
+MAX_MASK_TERMS = 3  # additive terms between the scores and the Softmax
 
 
 @dataclass
@@ -59,7 +62,7 @@ class _Block:
     q: gs.Tensor
     k: gs.Tensor  # K4 [B,Hkv,Sk,D], or [B,Sk,Hkv,D] when k_seq_first
     v: gs.Tensor
-    mask: gs.Tensor | None
+    masks: list[gs.Tensor]  # additive terms, summed into one Attention mask
     scale: float
     last: gs.Node  # MatMul(P, V4), whose output is Y
     k_seq_first: bool
@@ -115,16 +118,8 @@ def _match_block(softmax: gs.Node, outputs: set[int], opset: int) -> _Block | No
     if last is None or last.op != "MatMul" or last.inputs[0] is not probs:
         return None
 
-    scores, mask = softmax.inputs[0], None
-    qk = _match_scores(scores, outputs)
-    add = producer(scores)
-    if qk is None and add is not None and add.op == "Add" and _is_chain(scores, outputs):
-        for i in (0, 1):
-            qk = _match_scores(add.inputs[i], outputs)
-            if qk is not None:
-                mask = add.inputs[1 - i]
-                break
-    if qk is None or (mask is not None and mask.shape is not None and len(mask.shape) > 4):
+    qk, masks = _scores_and_masks(softmax.inputs[0], outputs)
+    if qk is None or any(m.shape is not None and len(m.shape) > 4 for m in masks):
         return None
     scale, q, k, k_seq_first = qk
     if scale <= 0:  # Attention applies sqrt(scale) to Q and K
@@ -133,7 +128,24 @@ def _match_block(softmax: gs.Node, outputs: set[int], opset: int) -> _Block | No
     v, v_repeated = _strip_repeat_kv(last.inputs[1])
     if k_repeated != v_repeated or any(isinstance(t, gs.Constant) for t in (q, k, v)):
         return None
-    return _Block(q, k, v, mask, scale, last, k_seq_first, k_repeated)
+    return _Block(q, k, v, masks, scale, last, k_seq_first, k_repeated)
+
+
+def _scores_and_masks(tensor: gs.Tensor, outputs: set[int], depth: int = 0):
+    """Softmax input = scores [+ mask] [+ mask ...] (a relative position bias and a padding mask: MPNet, T5):
+    (the _match_scores tuple, the additive terms innermost first), or (None, [])."""
+    qk = _match_scores(tensor, outputs)
+    if qk is not None:
+        return qk, []
+    add = producer(tensor)
+    if depth >= MAX_MASK_TERMS or add is None or add.op != "Add" or len(add.inputs) != 2 \
+            or not _is_chain(tensor, outputs):
+        return None, []
+    for i in (0, 1):
+        qk, masks = _scores_and_masks(add.inputs[i], outputs, depth + 1)
+        if qk is not None:
+            return qk, [*masks, add.inputs[1 - i]]
+    return None, []
 
 
 def _match_scores(scores: gs.Tensor, outputs: set[int]) -> tuple[float, gs.Tensor, gs.Tensor, bool] | None:
@@ -145,6 +157,12 @@ def _match_scores(scores: gs.Tensor, outputs: set[int]) -> tuple[float, gs.Tenso
     q_scale, q = _strip_scales(qk.inputs[0], outputs)
     kt_scale, kt = _strip_scales(qk.inputs[1], outputs)
     transpose = producer(kt)
+    if transpose is not None and transpose.op == "Reshape" and _is_chain(kt, outputs):
+        k4 = _unflattened_kt(transpose, outputs)
+        if k4 is None:
+            return None
+        k_scale, k = _strip_scales(k4, outputs)
+        return score_scale * q_scale * kt_scale * k_scale, q, k, False
     if transpose is None or transpose.op != "Transpose" or not _is_chain(kt, outputs):
         return None
     perm = list(transpose.attrs.get("perm", []))
@@ -152,6 +170,24 @@ def _match_scores(scores: gs.Tensor, outputs: set[int]) -> tuple[float, gs.Tenso
         return None
     k_scale, k = _strip_scales(transpose.inputs[0], outputs)
     return score_scale * q_scale * kt_scale * k_scale, q, k, perm == K_SEQ_FIRST
+
+
+def _unflattened_kt(reshape: gs.Node, outputs: set[int]) -> gs.Tensor | None:
+    """K4 when K^T = Reshape(Transpose(Reshape(K4, [B*H, Sk, D]), perm 0,2,1), [B, H, D, Sk]), the form of
+    PyTorch's dynamo exporter (its SDPA decomposition); else None."""
+    swapped = reshape.inputs[0]
+    transpose = producer(swapped)
+    if transpose is None or transpose.op != "Transpose" or list(transpose.attrs.get("perm", [])) != [0, 2, 1] \
+            or not _is_chain(swapped, outputs):
+        return None
+    flat = transpose.inputs[0]
+    flatten = producer(flat)
+    if flatten is None or flatten.op != "Reshape" or not _is_chain(flat, outputs):
+        return None
+    k4, target = flatten.inputs[0], _shape_values(reshape.inputs[1])
+    if (k4.shape is not None and len(k4.shape) != 4) or (target is not None and len(target) != 4):
+        return None
+    return k4
 
 
 def _skip_nan_guard(probs: gs.Tensor, outputs: set[int]) -> gs.Tensor | None:
@@ -226,7 +262,11 @@ def _describe(block: _Block) -> str:
     heads = _heads(block.q)
     rotary = _is_rotary(block.q) and _is_rotary(block.k)
     return (f"heads={heads if heads is not None else '?'}, gqa={'yes' if block.gqa else 'no'}, "
-            f"rotary={'yes' if rotary else 'no'}, mask={'yes' if block.mask is not None else 'no'}")
+            f"rotary={'yes' if rotary else 'no'}, mask={_mask_text(block.masks)}")
+
+
+def _mask_text(masks: list[gs.Tensor]) -> str:
+    return "no" if not masks else "yes" if len(masks) == 1 else f"{len(masks)} terms"
 
 
 def _heads(q: gs.Tensor) -> int | None:
@@ -292,8 +332,14 @@ def _replace(graph: gs.Graph, block: _Block) -> None:
         graph.nodes.append(gs.Node("Transpose", name=node_name(graph, f"{y.name}_k_transpose"),
                                    attrs={"perm": [0, 2, 1, 3]}, inputs=[block.k], outputs=[k]))
     inputs = [block.q, k, block.v]
-    if block.mask is not None:
-        inputs.append(_fit_mask(graph, block.mask, block.q, k, y.name))
+    if block.masks:
+        mask = block.masks[0]
+        for term in block.masks[1:]:  # several additive terms (position bias + padding mask): their sum
+            total = gs.Variable(tensor_name(graph, f"{y.name}_mask_sum"), dtype=mask.dtype)
+            graph.nodes.append(gs.Node("Add", name=node_name(graph, f"{y.name}_mask_sum"), inputs=[mask, term],
+                                       outputs=[total]))
+            mask = total
+        inputs.append(_fit_mask(graph, mask, block.q, k, y.name))
     block.last.outputs.clear()  # the decomposed chain is now dead; cleanup() removes it
     graph.nodes.append(gs.Node("Attention", name=node_name(graph, f"{y.name}_Attention"),
                                attrs={"scale": float(block.scale),
