@@ -10,6 +10,7 @@ from trtglm.errors import ConfigError
 CALIB_METHODS = ("entropy", "minmax", "percentile", "mse", "auto")
 TARGETS = ("tensorrt", "ort-cpu")
 ATTENTION = ("decomposed", "native")
+WEIGHT_ONLY = ("int8", "int4")
 
 
 @dataclass(frozen=True)
@@ -46,6 +47,9 @@ class BuildConfig:
     out_onnx: Path | None = None  # -o FILE.onnx: the Q/DQ model alone; the rest is written beside it
     int8: bool = True
     fp16: bool = False  # convert the float part of the graph to FP16 (TensorRT 11 has no FP16 builder flag)
+    weight_only: str | None = None  # int8 | int4: blocked weight-only quantization instead of calibrated INT8
+    block_size: int = 128  # weight-only: weights per scale along the reduction axis
+    asymmetric: bool = False  # weight-only: uint weights with zero points (ONNX Runtime; TensorRT wants symmetric)
     attention: str = "decomposed"  # native: rewrite attention blocks as the opset-23 Attention op
     tokenizer: Path | None = None  # --calib/--eval are text files, tokenized with this local tokenizer
     max_seq: int = 128  # text: truncate (and pad, for a static sequence axis) to this many tokens
@@ -95,7 +99,16 @@ class BuildConfig:
             raise ConfigError(f"--max-seq {self.max_seq}: must be at least 2")
         if not self.int8 and (self.accuracy_budget is not None or self.quant_config is not None):
             raise ConfigError("--accuracy-budget and --quant-config apply to INT8 builds; drop --no-int8")
-        if self.int8 and sum(x is not None for x in (self.calib, self.calib_script, self.calib_cache)) != 1:
+        if self.weight_only is not None and self.weight_only not in WEIGHT_ONLY:
+            raise ConfigError(f"--weight-only {self.weight_only!r}: choose one of {', '.join(WEIGHT_ONLY)}")
+        if self.block_size < 2 or self.block_size & (self.block_size - 1):
+            raise ConfigError(f"--block-size {self.block_size}: give a power of two >= 2 (128 is typical)")
+        if self.asymmetric and self.weight_only is None:
+            raise ConfigError("--asymmetric applies to --weight-only")
+        if self.weight_only is not None and (self.accuracy_budget is not None or self.quant_config is not None
+                                             or self.calib_cache is not None):
+            raise ConfigError("--weight-only needs no calibration: drop --accuracy-budget/--quant-config/--calib-cache")
+        if self.static_int8 and sum(x is not None for x in (self.calib, self.calib_script, self.calib_cache)) != 1:
             raise ConfigError("--int8 needs exactly one of --calib DIR, --calib-script FILE.py:fn, --calib-cache FILE")
         if self.preprocess is not None and self.calib is None:
             raise ConfigError("--preprocess applies to an image directory given with --calib")
@@ -103,6 +116,11 @@ class BuildConfig:
     @property
     def policy(self) -> PrecisionPolicy:
         return PrecisionPolicy(exclude=self.exclude, int8_attention=self.int8_attention)
+
+    @property
+    def static_int8(self) -> bool:
+        """Calibrated INT8 with activation Q/DQ (the default); --weight-only replaces it."""
+        return self.int8 and self.weight_only is None
 
     @property
     def smoothquant_auto(self) -> bool:

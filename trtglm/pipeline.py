@@ -29,6 +29,7 @@ from trtglm.passes import DEFAULT_PIPELINE, PassContext, fusion_summary, run_pas
 from trtglm.passes.insert_qdq import QUANTIZED_OPS, QdqPlan, insert_qdq, plan_qdq
 from trtglm.passes.convert_fp16 import convert_fp16
 from trtglm.passes.smooth_quant import smooth_quant
+from trtglm.passes.weight_only import BLOCKED_DQ_OPSET, model_from_graph, weight_only
 
 EVAL_FRACTION = 0.2
 MIN_QDQ_OPSET = 13  # per-channel DequantizeLinear (axis attribute)
@@ -60,7 +61,8 @@ class Artefacts:
                              d / f"{stem}.report.json", d / f"{stem}.report.md", d / f"{stem}.plots",
                              d / f"{stem}.quant_config.json")
         d = cfg.out_dir
-        name = "model.int8.qdq.onnx" if cfg.int8 else "model.fp16.onnx" if cfg.fp16 else "model.fp32.opt.onnx"
+        name = ("model.int8.qdq.onnx" if cfg.static_int8 else f"model.{cfg.weight_only}.wo.onnx" if cfg.weight_only
+                else "model.fp16.onnx" if cfg.fp16 else "model.fp32.opt.onnx")
         return Artefacts(d, d / name, d / "model.fp32.opt.onnx", d / "calib.cache",
                          d / "report.json", d / "report.md", d / "plots", d / "quant_config.json")
 
@@ -99,6 +101,8 @@ def build(cfg: BuildConfig, console=None) -> dict:
             eval_set, eval_idx, calib_idx = _eval_split(cfg, specs, calib_set)
             if cfg.attention == "native":
                 original = _at_opset(original, ATTENTION_OPSET, "--attention native")
+            if cfg.weight_only is not None:
+                original = _at_opset(original, BLOCKED_DQ_OPSET, "--weight-only (blocked DequantizeLinear)")
         with timer.stage("passes"):
             graph = gs.import_onnx(original)
             ctx = PassContext(opset=_opset(original), attention=cfg.attention)
@@ -114,11 +118,12 @@ def build(cfg: BuildConfig, console=None) -> dict:
             con.print(f"[yellow]warning[/]: --attention native: {unmatched} Softmax not part of a recognised attention "
                       "block, kept decomposed (report.json: pass_log says why)")
         con.print(f"[bold]passes[/] {_fmt_counts(pass_counts)}"
-                  + (f"; Q/DQ plan: {len(plan.activations)} activations, {len(plan.weights)} weights" if cfg.int8
+                  + (f"; Q/DQ plan: {len(plan.activations)} activations, {len(plan.weights)} weights" if cfg.static_int8
                      else ""))
         stats, alphas, methods, scales, sens = {}, {}, {}, Scales({}, {}), None
-        seven_bit_ops = ORT_SATURATING_OPS if cfg.int8 and cfg.target == "ort-cpu" and not runtime.has_vnni() else ()
-        if cfg.int8:
+        seven_bit_ops = (ORT_SATURATING_OPS if cfg.static_int8 and cfg.target == "ort-cpu" and not runtime.has_vnni()
+                         else ())
+        if cfg.static_int8:
             with timer.stage("calibration"):
                 if cfg.calib_cache is not None:
                     scales = calib_cache.read_trt_cache(cfg.calib_cache)
@@ -159,19 +164,23 @@ def build(cfg: BuildConfig, console=None) -> dict:
                     plan = plan_qdq(graph, policy)
         layers = sensitivity.linear_layers(graph, [n.name for n in graph.nodes if n.op in QUANTIZED_OPS])
         for layer in layers:
-            layer.precision = "float" if layer.node in plan.skipped or not cfg.int8 else "int8"
+            layer.precision = "float" if layer.node in plan.skipped or not cfg.static_int8 else "int8"
             if sens is not None:
                 layer.error = next((x.error for x in sens.layers if x.node == layer.node), None)
         n_quantized = 0
         with timer.stage("quantize" if cfg.int8 else "convert"):
             model = fp32
-            if cfg.int8:
+            if cfg.weight_only is not None:
+                if cfg.fp16:  # first: graphsurgeon cannot re-import the packed INT4 model
+                    pass_counts["convert_fp16"] = convert_fp16(graph, PassContext(opset=_opset(fp32)))
+                model = _weight_only(graph, fp32, cfg, pass_counts, ctx)
+            elif cfg.static_int8:
                 quant_layers, quant_acts = _decisions(layers, plan, alphas, methods, scales)
                 n_quantized = insert_qdq(graph, plan, scales.amax, seven_bit_ops)  # fp32 was exported: reuse graph
                 model = _export(graph, fp32, min_opset=FP16_QDQ_OPSET if cfg.fp16 else MIN_QDQ_OPSET)
                 calib_cache.write_trt_cache(_used(scales, plan.activations), out.cache)
                 quant_config.write(out.quant_config, quant_layers, quant_acts)
-            if cfg.fp16:
+            if cfg.fp16 and cfg.weight_only is None:
                 model = _fp16(model, pass_counts)
             onnx_io.save_model(fp32, out.fp32)
             if out.qdq != out.fp32:
@@ -204,6 +213,19 @@ def _at_opset(model: onnx.ModelProto, opset: int, why: str) -> onnx.ModelProto:
     except Exception as e:  # the converter raises RuntimeError and others for ops it cannot adapt
         raise ModelError(f"model opset {_opset(model)}: {why} needs opset {opset} and ONNX's version converter "
                          f"failed ({str(e).strip().splitlines()[-1]}); re-export at opset >= {opset}") from e
+
+
+def _weight_only(graph: gs.Graph, fp32: onnx.ModelProto, cfg: BuildConfig, pass_counts: dict,
+                 ctx: PassContext) -> onnx.ModelProto:
+    bits = 4 if cfg.weight_only == "int4" else 8
+    pass_counts["weight_only"] = weight_only(graph, bits, cfg.block_size, cfg.asymmetric,
+                                             keep_float=frozenset(cfg.exclude), log=ctx.log)
+    model = model_from_graph(graph)  # packed INT4 initializers (graphsurgeon cannot write them)
+    model.ir_version = max(model.ir_version, fp32.ir_version)
+    del model.metadata_props[:]
+    model.metadata_props.extend(fp32.metadata_props)
+    model.producer_name, model.producer_version = "trtglm", _version()
+    return model
 
 
 def _fp16(model: onnx.ModelProto, pass_counts: dict) -> onnx.ModelProto:
@@ -273,7 +295,7 @@ def _open_data(cfg: BuildConfig, specs):
         if not cfg.calib_cache.is_file():
             raise ConfigError(f"--calib-cache {cfg.calib_cache}: file not found")
         return None
-    if not cfg.int8 and cfg.calib is None and cfg.calib_script is None:
+    if not cfg.static_int8 and cfg.calib is None and cfg.calib_script is None:
         return None
     return _dataset(cfg, cfg.calib, specs, "calibration")
 

@@ -83,6 +83,9 @@ def test_int8_fp16_has_fp16_scales(attention, tmp_path):
     (["--no-int8", "--accuracy-budget", "0.01"], "apply to INT8 builds"),
     (["--smoothquant", "strong"], "--smoothquant 'strong'"),
     (["--max-seq", "1"], "--max-seq 1"),
+    (["--weight-only", "int4", "--block-size", "100"], "--block-size 100"),
+    (["--asymmetric"], "--asymmetric applies to --weight-only"),
+    (["--weight-only", "int4", "--accuracy-budget", "0.01"], "--weight-only needs no calibration"),
 ])
 def test_bad_transformer_options_are_one_line_errors(attention, tmp_path, args, needle):
     model, calib = attention
@@ -105,3 +108,23 @@ def test_text_calibration_through_the_cli(tmp_path):
     missing = _build(tmp_path / "text.onnx", "--calib", tmp_path / "calib.txt", "--tokenizer", tmp_path / "nope",
                      "--out", tmp_path / "t2")
     assert missing.exit_code not in (0, None) and "nope" in missing.stderr
+
+
+@pytest.mark.parametrize("bits", ["int8", "int4"])
+def test_weight_only_build_needs_no_calibration(attention, tmp_path, bits):
+    model, calib = attention
+    result = _build(model, "--weight-only", bits, "--block-size", "16", "--eval", calib, "--out", tmp_path / bits)
+    assert result.exit_code == 0, result.output
+    out = onnx.load(tmp_path / bits / f"model.{bits}.wo.onnx")
+    dq = [n for n in out.graph.node if n.op_type == "DequantizeLinear"]
+    assert len(dq) == 2 and all(helper_attr(n, "block_size") == 16 for n in dq)  # fused QKV + output projection
+    assert not any(n.op_type == "QuantizeLinear" for n in out.graph.node)  # activations stay float
+    inits = {t.name: t.data_type for t in out.graph.initializer}
+    want = onnx.TensorProto.INT4 if bits == "int4" else onnx.TensorProto.INT8
+    assert all(inits[n.input[0]] == want for n in dq)
+    rep = _report(tmp_path / bits)
+    assert rep["passes"]["weight_only"] == 2 and min(_cosine(rep).values()) > (0.99 if bits == "int8" else 0.9)
+
+
+def helper_attr(node, name):
+    return next(onnx.helper.get_attribute_value(a) for a in node.attribute if a.name == name)
