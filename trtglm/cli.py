@@ -101,26 +101,142 @@ def _smoothquant(text: str) -> float | str | None:
 
 
 @main.command()
-@click.argument("factory")
-@click.option("--input", "inputs", multiple=True, required=True, help="name:shape:dtype, e.g. input:1x3x224x224:float32")
+@click.argument("factory", required=False)
+@click.option("--input", "inputs", multiple=True, help="name:shape:dtype, e.g. input:1x3x224x224:float32")
 @click.option("--dynamic-batch/--static-batch", default=True, show_default=True)
 @click.option("--opset", default=17, show_default=True)
-@click.option("-o", "--output", type=_PATH, required=True, help="ONNX file to write.")
+@click.option("--hf-config", type=_PATH, help="GLM / GLM-4 config.json: export it with a KV cache (random weights).")
+@click.option("--weights", type=_PATH, help="With --hf-config: a directory of safetensors weights.")
+@click.option("--split", is_flag=True, help="With --hf-config: a prefill and a decode graph instead of one.")
+@click.option("--max-batch", default=8, show_default=True, help="With --hf-config: shape profiles' largest batch.")
+@click.option("--max-seq", type=int, help="With --hf-config: longest prompt (default: min(256, positions / 2)).")
+@click.option("--max-cache", type=int, help="With --hf-config: longest past a decode step reads (default: "
+                                             "max_position_embeddings - 1).")
+@click.option("-o", "--output", type=_PATH, required=True, help="ONNX file to write (a directory with --hf-config).")
 @click.pass_context
-def export(ctx, factory, inputs, dynamic_batch, opset, output):
-    """Export FACTORY (module.py:fn returning a torch.nn.Module) to ONNX."""
+def export(ctx, factory, inputs, dynamic_batch, opset, hf_config, weights, split, max_batch, max_seq, max_cache,
+           output):
+    """Export FACTORY (module.py:fn returning a torch.nn.Module) to ONNX, or a GLM with --hf-config."""
 
     def go():
+        if (factory is None) == (hf_config is None):
+            raise ConfigError("give either FACTORY (module.py:fn) with --input, or --hf-config config.json")
         try:
-            from trtglm.export import torch_export
+            if hf_config is not None:
+                from trtglm.export import glm
+            else:
+                from trtglm.export import torch_export
         except ImportError as e:
             raise ConfigError(f"trtglm export needs torch: pip install 'trtglm[export]' ({e})") from e
+        if hf_config is not None:
+            model = glm.glm_from_config(hf_config, weights)
+            manifest = glm.export_glm(model, output, split=split)
+            for line in _write_profiles(output, manifest, model.config, max_batch, max_seq, max_cache):
+                click.echo(line)
+            return
+        if not inputs:
+            raise ConfigError("FACTORY needs --input name:shape:dtype (one per model input)")
         args = [torch_export.parse_input_arg(text) for text in inputs]
         result = torch_export.onnx_from_torch(torch_export.load_factory(factory), args, output,
                                               dynamic_batch=dynamic_batch, opset=opset)
         click.echo(f"wrote {result.path} ({result.exporter} exporter, opset {result.opset})")
 
     _run(ctx, go)
+
+
+def _write_profiles(out: Path, manifest: dict, config, max_batch: int, max_seq: int | None,
+                    max_cache: int | None) -> list[str]:
+    """A shape-profile manifest beside each exported graph (the engine stage reads it)."""
+    import onnx
+
+    from trtglm import profiles
+
+    positions = int(config.max_position_embeddings)
+    max_cache = max_cache if max_cache is not None else positions - 1
+    max_seq = max_seq if max_seq is not None else min(256, positions // 2, max_cache)
+    lines, graphs = [], manifest["graphs"]
+    for role, name in sorted(graphs.items()):
+        if role == "prefill" and graphs["prefill"] == graphs["decode"]:
+            continue  # one graph serves both: one manifest with both profiles
+        path = out / name
+        phases = ("decode",) if manifest["split"] and role == "decode" else None
+        found = profiles.profiles_for(onnx.load(path, load_external_data=False), max_batch, max_seq, max_cache,
+                                      phases=phases, max_positions=positions)
+        written = profiles.write_manifest(profiles.manifest_path(path), found, path)
+        lines.append(f"wrote {path} and {written} ({len(found)} shape profile{'s' * (len(found) != 1)})")
+    return lines
+
+
+@main.command()
+@click.argument("model", type=_PATH)
+@click.option("--prompt-ids", required=True, help="Comma-separated token ids; ';' separates prompts of a batch.")
+@click.option("--max-new-tokens", default=16, show_default=True)
+@click.pass_context
+def generate(ctx, model, prompt_ids, max_new_tokens):
+    """Greedy-decode with the KV cache on ONNX Runtime (MODEL: an export directory or an ONNX file)."""
+    from trtglm import generate as gen
+
+    def go():
+        try:
+            prompts = [[int(t) for t in row.split(",") if t.strip()] for row in prompt_ids.split(";")]
+        except ValueError:
+            raise ConfigError(f"--prompt-ids {prompt_ids!r}: give integers like 1,2,3 (';' between prompts)") from None
+        tokens, _, t = gen.greedy(model, prompts, max_new_tokens)
+        for row in tokens:
+            click.echo(",".join(map(str, row)))
+        click.echo(f"time to first token {1e3 * t.ttft_s:.1f} ms; {t.tokens_per_s:.0f} tokens/s "
+                   f"(decode, {len(prompts)} prompt{'s' * (len(prompts) != 1)}, ONNX Runtime CPU)", err=True)
+
+    _run(ctx, go)
+
+
+@main.command("bench-decode")
+@click.argument("model", type=_PATH)
+@click.option("--batch", "batches", default="1,4,16", show_default=True, help="Batch sizes, comma-separated.")
+@click.option("--prompt-len", default=16, show_default=True)
+@click.option("--new-tokens", default=128, show_default=True)
+@click.pass_context
+def bench_decode(ctx, model, batches, prompt_len, new_tokens):
+    """Per batch size: median / P99 per-token latency and tokens/s with the KV cache, and the speedup over
+    decoding without a cache (ONNX Runtime CPU)."""
+    import json
+
+    from rich.console import Console
+    from rich.table import Table
+
+    from trtglm import generate as gen
+
+    def go():
+        try:
+            sizes = tuple(int(b) for b in batches.split(","))
+        except ValueError:
+            raise ConfigError(f"--batch {batches!r}: give batch sizes like 1,4,16") from None
+        if min(sizes) < 1 or new_tokens < 2 or prompt_len < 1:
+            raise ConfigError("--batch sizes, --prompt-len must be >= 1 and --new-tokens >= 2")
+        vocab = _vocab(model)
+        result = gen.bench_decode(model, sizes, prompt_len, new_tokens, vocab)
+        table = Table(title=f"greedy decode, prompt {prompt_len} tokens, {new_tokens} new tokens, ONNX Runtime CPU")
+        for col in ("batch", "TTFT ms", "median ms/token", "P99 ms/token", "tokens/s"):
+            table.add_column(col, justify="right")
+        for r in result["rows"]:
+            table.add_row(str(r["batch"]), f"{r['ttft_ms']:.2f}", f"{r['median_ms']:.3f}", f"{r['p99_ms']:.3f}",
+                          f"{r['tokens_per_s']:.0f}")
+        Console(highlight=False).print(table)
+        click.echo(f"batch 1, {new_tokens} tokens: KV cache {result['cache_tokens_per_s']:.0f} tokens/s vs no cache "
+                   f"{result['no_cache_tokens_per_s']:.0f} tokens/s: {result['cache_speedup']:.2f}x "
+                   f"(same tokens: {'yes' if result['same_tokens'] else 'NO'})")
+        click.echo(json.dumps(result), err=True)
+
+    _run(ctx, go)
+
+
+def _vocab(model: Path) -> int:
+    import json
+
+    manifest = model / "manifest.json" if model.is_dir() else None
+    if manifest is not None and manifest.is_file():
+        return int(json.loads(manifest.read_text()).get("vocab_size", 2))
+    return 2
 
 
 if __name__ == "__main__":

@@ -1,0 +1,56 @@
+"""trtglm export --hf-config, generate and bench-decode through the CLI on a tiny random GLM."""
+
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from trtglm.cli import main
+from trtglm.profiles import read_manifest
+
+pytest.importorskip("transformers", reason="transformers is needed to build a GLM (pip install -e '.[export,dev]')")
+
+CONFIG = {"architectures": ["GlmForCausalLM"], "model_type": "glm", "vocab_size": 100, "hidden_size": 64,
+          "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+          "head_dim": 16, "max_position_embeddings": 128, "partial_rotary_factor": 0.5,
+          "tie_word_embeddings": False, "use_cache": True, "pad_token_id": 0}
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("glm")
+    (tmp / "config.json").write_text(json.dumps(CONFIG))
+    result = CliRunner().invoke(main, ["export", "--hf-config", str(tmp / "config.json"), "--max-batch", "4",
+                                       "-o", str(tmp / "out")])
+    assert result.exit_code == 0, result.output
+    return tmp / "out", result.output
+
+
+def test_export_writes_the_graph_and_its_shape_profiles(exported):
+    out, text = exported
+    assert "2 shape profiles" in text
+    manifest = read_manifest(out / "model.profiles.json")
+    prefill, decode = manifest.profiles
+    assert prefill["input_ids"].max == (4, 64) and prefill["past_key_values.0.key"].max[2] == 0
+    assert decode["input_ids"].max == (4, 1) and decode["past_key_values.0.key"].max[2] == 127
+    assert decode["attention_mask"].max == (4, 128)
+
+
+def test_generate_and_bench_decode(exported):
+    out, _ = exported
+    result = CliRunner().invoke(main, ["generate", str(out), "--prompt-ids", "1,2,3;4,5", "--max-new-tokens", "5"])
+    assert result.exit_code == 0, result.output
+    rows = [line for line in result.stdout.splitlines() if line]
+    assert len(rows) == 2 and all(len(r.split(",")) == 5 for r in rows)
+    bench = CliRunner().invoke(main, ["bench-decode", str(out), "--batch", "1,2", "--new-tokens", "8"])
+    assert bench.exit_code == 0, bench.output
+    assert "median ms/token" in bench.stdout and "same tokens: yes" in bench.stdout
+
+
+def test_export_needs_exactly_one_source_and_a_buildable_config(tmp_path):
+    result = CliRunner().invoke(main, ["export", "-o", str(tmp_path / "x")])
+    assert result.exit_code not in (0, None) and "either FACTORY" in result.stderr
+    (tmp_path / "bad.json").write_text(json.dumps({**CONFIG, "pad_token_id": 1000}))
+    result = CliRunner().invoke(main, ["export", "--hf-config", str(tmp_path / "bad.json"), "-o", str(tmp_path / "y")])
+    assert result.exit_code not in (0, None) and "bad.json" in result.stderr and "Traceback" not in result.output
+    assert not (tmp_path / "y").exists()
