@@ -95,9 +95,10 @@ class _OrtRunner(OnnxrtRunner):
 
 
 def is_classifier_output(shape: tuple, name: str) -> bool:
-    """Logits: a float output whose last axis indexes classes (an embedding or hidden state is not one)."""
+    """Logits: a float output whose last axis indexes classes (an embedding, a hidden state or a KV-cache tensor
+    is not one)."""
     lower = name.lower()
-    if any(word in lower for word in ("embed", "hidden", "pool", "feature")):
+    if any(word in lower for word in ("embed", "hidden", "pool", "feature", "present", "past_key", "cache")):
         return False
     return len(shape) >= 2 and (2 <= shape[-1] <= 1000 or "logit" in lower)
 
