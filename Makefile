@@ -32,5 +32,10 @@ bench-minilm:
 	bash bench/setup.sh
 	.venv-bench/bin/python bench/minilm.py
 
+.PHONY: bench-glm
+bench-glm:
+	bash bench/setup.sh
+	.venv-bench/bin/python bench/glm.py
+
 clean:
 	rm -rf $(VENV) out $(DIGITS) .pytest_cache

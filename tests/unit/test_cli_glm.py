@@ -54,3 +54,20 @@ def test_export_needs_exactly_one_source_and_a_buildable_config(tmp_path):
     result = CliRunner().invoke(main, ["export", "--hf-config", str(tmp_path / "bad.json"), "-o", str(tmp_path / "y")])
     assert result.exit_code not in (0, None) and "bad.json" in result.stderr and "Traceback" not in result.output
     assert not (tmp_path / "y").exists()
+
+
+def test_a_decode_step_runs_at_each_profiles_min_and_max(exported):
+    import numpy as np
+    import onnxruntime as ort
+
+    out, _ = exported
+    session = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
+    for profile in read_manifest(out / "model.profiles.json").profiles:
+        for pick in ("min", "max"):
+            shapes = {name: getattr(p, pick) for name, p in profile.items()}
+            feeds = {name: (np.zeros(shape, np.float32) if name.startswith("past") else np.ones(shape, np.int64))
+                     for name, shape in shapes.items()}
+            batch, seq = shapes["input_ids"]
+            feeds["position_ids"] = np.broadcast_to(np.arange(seq), (batch, seq)).astype(np.int64)
+            logits = session.run(["logits"], feeds)[0]
+            assert logits.shape == (batch, seq, CONFIG["vocab_size"]) and np.isfinite(logits).all()
