@@ -169,21 +169,35 @@ def _write_profiles(out: Path, manifest: dict, config, max_batch: int, max_seq: 
 
 @main.command()
 @click.argument("model", type=_PATH)
-@click.option("--prompt-ids", required=True, help="Comma-separated token ids; ';' separates prompts of a batch.")
+@click.option("--prompt-ids", help="Comma-separated token ids; ';' separates prompts of a batch.")
+@click.option("--prompt", "prompts_text", multiple=True, help="Prompt text (repeatable: a batch); needs --tokenizer.")
+@click.option("--tokenizer", type=_PATH, help="Local Hugging Face tokenizer directory for --prompt.")
 @click.option("--max-new-tokens", default=16, show_default=True)
 @click.pass_context
-def generate(ctx, model, prompt_ids, max_new_tokens):
+def generate(ctx, model, prompt_ids, prompts_text, tokenizer, max_new_tokens):
     """Greedy-decode with the KV cache on ONNX Runtime (MODEL: an export directory or an ONNX file)."""
     from trtglm import generate as gen
 
     def go():
-        try:
-            prompts = [[int(t) for t in row.split(",") if t.strip()] for row in prompt_ids.split(";")]
-        except ValueError:
-            raise ConfigError(f"--prompt-ids {prompt_ids!r}: give integers like 1,2,3 (';' between prompts)") from None
+        if (prompt_ids is None) == (not prompts_text):
+            raise ConfigError("give either --prompt-ids 1,2,3 or --prompt TEXT --tokenizer DIR")
+        decode = None
+        if prompts_text:
+            if tokenizer is None:
+                raise ConfigError("--prompt needs --tokenizer DIR (a local Hugging Face tokenizer)")
+            from trtglm.calib.text import text_codec
+
+            encode, decode = text_codec(tokenizer)
+            prompts = [encode(text) for text in prompts_text]
+        else:
+            try:
+                prompts = [[int(t) for t in row.split(",") if t.strip()] for row in prompt_ids.split(";")]
+            except ValueError:
+                raise ConfigError(f"--prompt-ids {prompt_ids!r}: give integers like 1,2,3 (';' between prompts)") \
+                    from None
         tokens, _, t = gen.greedy(model, prompts, max_new_tokens)
         for row in tokens:
-            click.echo(",".join(map(str, row)))
+            click.echo(decode(row) if decode else ",".join(map(str, row)))
         click.echo(f"time to first token {1e3 * t.ttft_s:.1f} ms; {t.tokens_per_s:.0f} tokens/s "
                    f"(decode, {len(prompts)} prompt{'s' * (len(prompts) != 1)}, ONNX Runtime CPU)", err=True)
 

@@ -71,3 +71,16 @@ def test_a_decode_step_runs_at_each_profiles_min_and_max(exported):
             feeds["position_ids"] = np.broadcast_to(np.arange(seq), (batch, seq)).astype(np.int64)
             logits = session.run(["logits"], feeds)[0]
             assert logits.shape == (batch, seq, CONFIG["vocab_size"]) and np.isfinite(logits).all()
+
+
+def test_generate_from_text_with_a_tokenizer(exported, tmp_path):
+    from tests.unit.test_calib_text import make_tokenizer
+
+    out, _ = exported
+    make_tokenizer(tmp_path / "tok")  # word-level, 16 ids: within the tiny GLM's vocabulary of 100
+    result = CliRunner().invoke(main, ["generate", str(out), "--prompt", "the cat sat", "--prompt", "a dog",
+                                       "--tokenizer", str(tmp_path / "tok"), "--max-new-tokens", "3"])
+    assert result.exit_code == 0, result.output
+    assert len([line for line in result.stdout.splitlines()]) == 2
+    missing = CliRunner().invoke(main, ["generate", str(out), "--prompt", "the cat"])
+    assert missing.exit_code not in (0, None) and "--tokenizer" in missing.stderr

@@ -152,3 +152,31 @@ def _pad_id_from_config(tok, directory: Path) -> int | None:
         if isinstance(pad, str) and tok.token_to_id(pad) is not None:
             return tok.token_to_id(pad)
     return None
+
+
+def text_codec(directory: Path) -> tuple[Callable[[str], list[int]], Callable[[list[int]], str]]:
+    """(encode, decode) of the local tokenizer in `directory`, for prompts and generated text (trtglm generate)."""
+    where = f"--tokenizer {directory}"
+    if not directory.is_dir():
+        raise ConfigError(f"{where}: directory not found" if not directory.exists() else f"{where}: not a directory")
+    if (directory / "tokenizer.json").is_file():
+        try:
+            from tokenizers import Tokenizer
+
+            tok = Tokenizer.from_file(str(directory / "tokenizer.json"))
+        except ImportError:
+            raise ConfigError(f"{where}: reading tokenizer.json needs tokenizers (pip install tokenizers)") from None
+        except Exception as e:
+            raise ConfigError(f"{where}: tokenizer.json unreadable ({_first_line(e)})") from e
+        tok.no_padding()
+        tok.no_truncation()
+        return (lambda text: tok.encode(text).ids), (lambda ids: tok.decode(ids))
+    try:
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(directory, local_files_only=True)
+    except ImportError:
+        raise ConfigError(f"{where}: no tokenizer.json; other formats need transformers") from None
+    except Exception as e:
+        raise ConfigError(f"{where}: transformers could not load a tokenizer ({_first_line(e)})") from e
+    return (lambda text: tok(text)["input_ids"]), (lambda ids: tok.decode(ids))
