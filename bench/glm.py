@@ -5,8 +5,9 @@ the KV cache's speedup, on the tiny trained GLM of examples/glm and on a random-
 
 Every step runs the trtglm CLI as a user would (export, build, bench-decode); the bench compares against
 transformers itself for the decode check. Accuracy of a build is its report's `logits` row on the held-out byte
-stream (teacher forcing: every position's next-token prediction): top-1 agreement with FP32 and the cosine of each
-sequence's logits. Results: bench/results/glm.{json,md}.
+stream (prefill, teacher forcing: every position's next-token prediction): top-1 agreement with FP32 and the cosine
+of each sequence's logits; and the same through 64 decode steps with the KV cache (4 prompts, fed FP32's greedy
+tokens), which is where an INT8 cache shows. Results: bench/results/glm.{json,md}.
 """
 
 from __future__ import annotations
@@ -42,11 +43,15 @@ def main() -> int:
         if weights is not None:
             facts["decode_check"] = _decode_check(weights, fp32, np.load(args.weights / "eval" / "tokens.npy"))
             facts["bench_decode"] = _bench_decode(fp32)
-        for mode, flags in (("int8", ["--calib", str(data / "calib")]), ("int4 wo", ["--weight-only", "int4"])):
-            out = args.work / label / mode.replace(" ", "-")
+        stream = np.load(args.weights / "eval" / "tokens.npy")
+        for mode, flags in (("int8", ["--calib", str(data / "calib")]),
+                            ("int8, KV cache int8", ["--calib", str(data / "calib"), "--kv-cache", "int8"]),
+                            ("int4 weight-only", ["--weight-only", "int4"])):
+            out = args.work / label / mode.replace(" ", "-").replace(",", "")
             start = time.perf_counter()
             _trtglm(["build", str(fp32 / "model.onnx"), *flags, "--eval", str(data / "eval"), "--out", str(out)])
-            rows.append(_row(label, mode, out, fp32, time.perf_counter() - start))
+            rows.append({**_row(label, mode, out, fp32, time.perf_counter() - start),
+                         **_decode_agreement(fp32, out, stream)})
     _write(args.results, rows, facts)
     return 0
 
@@ -90,6 +95,20 @@ def _decode_check(weights: Path, fp32: Path, stream: np.ndarray) -> dict:
             "ttft_ms": 1e3 * timings.ttft_s, "tokens_per_s": timings.tokens_per_s}
 
 
+def _decode_agreement(fp32: Path, out: Path, stream: np.ndarray, steps: int = 64) -> dict:
+    """Decode steps through the KV cache, teacher-forced with FP32's greedy tokens: how often the quantized model's
+    next token is FP32's, and the cosine of their logits (this is where an INT8 cache shows)."""
+    from trtglm.generate import greedy
+
+    prompts = stream[:PROMPTS, :PROMPT_LEN].tolist()
+    tokens, ref, _ = greedy(fp32, prompts, steps)
+    model = json.loads((out / "report.json").read_text())["artefacts"]["qdq"]
+    _, got, _ = greedy(model, prompts, steps, forced=tokens)
+    a, b = ref.reshape(-1, ref.shape[-1]).astype(np.float64), got.reshape(-1, got.shape[-1]).astype(np.float64)
+    cos = (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
+    return {"decode_top1": 100.0 * float((a.argmax(1) == b.argmax(1)).mean()), "decode_cos": float(cos.mean())}
+
+
 def _bench_decode(fp32: Path) -> dict:
     text = _trtglm(["bench-decode", str(fp32), "--new-tokens", "128"])
     return json.loads(text.strip().splitlines()[-1])  # bench-decode prints its JSON last, on stderr
@@ -111,10 +130,11 @@ def _write(results: Path, rows: list[dict], facts: dict) -> None:
     results.mkdir(parents=True, exist_ok=True)
     (results / "glm.json").write_text(json.dumps({"rows": rows, **facts}, indent=1) + "\n")
     d, b = facts["decode_check"], facts["bench_decode"]
-    lines = ["| model | build | top-1 agreement sim / ort % | logits cosine sim / ort | file vs FP32 | build s |",
-             "|---|---|---:|---:|---:|---:|"]
+    lines = ["| model | build | top-1 agreement sim / ort % | logits cosine sim / ort | decode top-1 % / cosine "
+             "| file vs FP32 | build s |", "|---|---|---:|---:|---:|---:|---:|"]
     lines += [f"| {r['model']} | {r['mode']} | {r['top1_sim']:.2f} / {r['top1_ort']:.2f} | "
-              f"{r['cos_sim']:.5f} / {r['cos_ort']:.5f} | {r['size_vs_fp32']:.2f} | {r['build_s']} |" for r in rows]
+              f"{r['cos_sim']:.5f} / {r['cos_ort']:.5f} | {r['decode_top1']:.2f} / {r['decode_cos']:.5f} | "
+              f"{r['size_vs_fp32']:.2f} | {r['build_s']} |" for r in rows]
     lines += ["", f"- decode check (trained): {d['prompts']} prompts x {d['new_tokens']} greedy tokens, ONNX Runtime "
               f"prefill + KV cache vs transformers generate: same tokens {d['same_tokens']}, logits max relative "
               f"error {d['logits_max_rel_err']:.2e}",

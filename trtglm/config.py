@@ -50,6 +50,7 @@ class BuildConfig:
     weight_only: str | None = None  # int8 | int4: blocked weight-only quantization instead of calibrated INT8
     block_size: int = 128  # weight-only: weights per scale along the reduction axis
     asymmetric: bool = False  # weight-only: uint weights with zero points (ONNX Runtime; TensorRT wants symmetric)
+    kv_cache: str = "float"  # int8: past/present KV-cache tensors as int8 with per-head scales
     attention: str = "decomposed"  # native: rewrite attention blocks as the opset-23 Attention op
     tokenizer: Path | None = None  # --calib/--eval are text files, tokenized with this local tokenizer
     max_seq: int = 128  # text: truncate (and pad, for a static sequence axis) to this many tokens
@@ -103,6 +104,10 @@ class BuildConfig:
             raise ConfigError(f"--weight-only {self.weight_only!r}: choose one of {', '.join(WEIGHT_ONLY)}")
         if self.block_size < 2 or self.block_size & (self.block_size - 1):
             raise ConfigError(f"--block-size {self.block_size}: give a power of two >= 2 (128 is typical)")
+        if self.kv_cache not in ("float", "int8"):
+            raise ConfigError(f"--kv-cache {self.kv_cache!r}: choose float or int8")
+        if self.kv_cache == "int8" and (self.calib is None or not self.int8):
+            raise ConfigError("--kv-cache int8 needs --calib data (per-head scales) and an INT8 or --weight-only build")
         if self.asymmetric and self.weight_only is None:
             raise ConfigError("--asymmetric applies to --weight-only")
         if self.weight_only is not None and (self.accuracy_budget is not None or self.quant_config is not None

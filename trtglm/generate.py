@@ -22,6 +22,9 @@ import onnxruntime as ort
 from trtglm.errors import ConfigError, ModelError
 
 
+_CACHE_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int8)": np.int8}
+
+
 @dataclass
 class Timings:
     ttft_s: float  # prefill and the first token
@@ -30,12 +33,14 @@ class Timings:
 
 
 def greedy(model_dir_or_paths: str | Path | tuple[str | Path, str | Path], prompt_ids: list[list[int]],
-           max_new_tokens: int, threads: int = 0) -> tuple[list[list[int]], np.ndarray, Timings]:
+           max_new_tokens: int, threads: int = 0,
+           forced: list[list[int]] | None = None) -> tuple[list[list[int]], np.ndarray, Timings]:
     """Greedy-decode max_new_tokens tokens for each prompt.
 
     model_dir_or_paths: a directory holding manifest.json (export_glm's output), one ONNX file serving prefill
         and decode, or a (prefill, decode) pair of files.
     Returns (new tokens per prompt, logits [max_new_tokens, batch, vocab] that chose each token, timings).
+    forced: feed these tokens back instead of the argmax (teacher forcing: compares two models step by step).
     """
     if max_new_tokens < 1:
         raise ConfigError(f"max_new_tokens {max_new_tokens}: give at least 1")
@@ -63,7 +68,7 @@ def greedy(model_dir_or_paths: str | Path | tuple[str | Path, str | Path], promp
     if prefill is decode:  # one graph: prefill is a decode step with an empty cache
         for p in pasts:
             _, heads, _, head_dim = p.shape
-            feeds[p.name] = np.zeros((batch, heads, 0, head_dim), np.float32)
+            feeds[p.name] = np.zeros((batch, heads, 0, head_dim), _CACHE_TYPES.get(p.type, np.float32))
     binding = prefill.io_binding()
     for name, value in feeds.items():
         binding.bind_cpu_input(name, value)
@@ -76,7 +81,9 @@ def greedy(model_dir_or_paths: str | Path | tuple[str | Path, str | Path], promp
     step_s = []
     new = [tokens]
     next_pos = positions[:, -1:] + 1
-    for _ in range(max_new_tokens - 1):
+    for step in range(max_new_tokens - 1):
+        if forced is not None:
+            tokens = np.array([row[step] for row in forced], dtype=np.int64)
         t0 = time.perf_counter()
         mask = np.concatenate([mask, np.ones((batch, 1), np.int64)], axis=1)
         binding = decode.io_binding()
@@ -114,7 +121,7 @@ def greedy_no_cache(model_dir_or_paths, prompt_ids: list[list[int]], max_new_tok
         t0 = time.perf_counter()
         feeds = {"input_ids": ids, "attention_mask": mask, "position_ids": np.maximum(np.cumsum(mask, 1) - 1, 0)}
         for p in pasts:
-            feeds[p.name] = np.zeros((batch, p.shape[1], 0, p.shape[3]), np.float32)
+            feeds[p.name] = np.zeros((batch, p.shape[1], 0, p.shape[3]), _CACHE_TYPES.get(p.type, np.float32))
         tokens = session.run(["logits"], feeds)[0][:, -1].argmax(-1)
         new.append(tokens)
         ids = np.concatenate([ids, tokens[:, None].astype(np.int64)], axis=1)

@@ -19,7 +19,7 @@ from trtglm import onnx_io, quant_config, report, runtime, sensitivity, verify
 from trtglm.calib import cache as calib_cache
 from trtglm.calib import data as calib_data
 from trtglm.calib import search
-from trtglm.calib.collect import collect
+from trtglm.calib.collect import collect, head_absmax
 from trtglm.calib.methods import Scales, scales_for
 from trtglm.calib.rows import RowSample
 from trtglm.calib.text import open_text_dataset
@@ -28,6 +28,7 @@ from trtglm.errors import ConfigError, ModelError, TrtglmError
 from trtglm.passes import DEFAULT_PIPELINE, PassContext, fusion_summary, run_passes
 from trtglm.passes.insert_qdq import QUANTIZED_OPS, QdqPlan, insert_qdq, plan_qdq
 from trtglm.passes.convert_fp16 import convert_fp16
+from trtglm.passes.kv_cache import cache_pairs, quantize_kv_cache
 from trtglm.passes.smooth_quant import smooth_quant
 from trtglm.passes.weight_only import BLOCKED_DQ_OPSET, model_from_graph, weight_only
 
@@ -168,18 +169,26 @@ def build(cfg: BuildConfig, console=None) -> dict:
             if sens is not None:
                 layer.error = next((x.error for x in sens.layers if x.node == layer.node), None)
         n_quantized = 0
+        kv_amax = {}
+        if cfg.kv_cache == "int8":
+            with timer.stage("kv-cache calibration"):
+                kv_amax = head_absmax(fp32, [present.name for _, present in cache_pairs(graph)],
+                                      calib_set.batches(calib_idx, cfg.batch_size))
         with timer.stage("quantize" if cfg.int8 else "convert"):
             model = fp32
+            if cfg.static_int8:
+                quant_layers, quant_acts = _decisions(layers, plan, alphas, methods, scales)
+                n_quantized = insert_qdq(graph, plan, scales.amax, seven_bit_ops)  # fp32 was exported: reuse graph
+                calib_cache.write_trt_cache(_used(scales, plan.activations), out.cache)
+                quant_config.write(out.quant_config, quant_layers, quant_acts)
+            if kv_amax:
+                pass_counts["kv_cache"] = quantize_kv_cache(graph, kv_amax)
             if cfg.weight_only is not None:
                 if cfg.fp16:  # first: graphsurgeon cannot re-import the packed INT4 model
                     pass_counts["convert_fp16"] = convert_fp16(graph, PassContext(opset=_opset(fp32)))
                 model = _weight_only(graph, fp32, cfg, pass_counts, ctx)
             elif cfg.static_int8:
-                quant_layers, quant_acts = _decisions(layers, plan, alphas, methods, scales)
-                n_quantized = insert_qdq(graph, plan, scales.amax, seven_bit_ops)  # fp32 was exported: reuse graph
                 model = _export(graph, fp32, min_opset=FP16_QDQ_OPSET if cfg.fp16 else MIN_QDQ_OPSET)
-                calib_cache.write_trt_cache(_used(scales, plan.activations), out.cache)
-                quant_config.write(out.quant_config, quant_layers, quant_acts)
             if cfg.fp16 and cfg.weight_only is None:
                 model = _fp16(model, pass_counts)
             onnx_io.save_model(fp32, out.fp32)

@@ -88,10 +88,21 @@ class _OrtRunner(OnnxrtRunner):
     imports torch (seconds and hundreds of MB) wherever torch is installed."""
 
     def infer_impl(self, feed_dict):
+        types = {i.name: i.type for i in self.sess.get_inputs()}
+        feed_dict = {name: _as_input(value, types.get(name)) for name, value in feed_dict.items()}
         start = time.perf_counter()
         outputs = self.sess.run(None, feed_dict)
         self.inference_time = time.perf_counter() - start
         return OrderedDict((meta.name, out) for meta, out in zip(self.sess.get_outputs(), outputs))
+
+
+def _as_input(value: np.ndarray, ort_type: str | None) -> np.ndarray:
+    """An empty array (a prefill's zero-length KV cache) in the type this model declares for it (an INT8 cache)."""
+    if value.size or ort_type is None or not ort_type.startswith("tensor("):
+        return value
+    dtype = {"tensor(int8)": np.int8, "tensor(uint8)": np.uint8, "tensor(float16)": np.float16,
+             "tensor(float)": np.float32}.get(ort_type)
+    return value.astype(dtype) if dtype is not None else value
 
 
 def is_classifier_output(shape: tuple, name: str) -> bool:
@@ -122,6 +133,8 @@ def compare_with_fp32(fp32: onnx.ModelProto, int8: onnx.ModelProto, batches: Ite
         result.samples += n
         for name in ref.keys():
             r = np.asarray(ref[name])
+            if not all(np.issubdtype(np.asarray(outs[fig][name]).dtype, np.floating) for fig in FIGURES):
+                continue  # an INT8 KV cache output: its effect shows in the logits of the next decode steps
             classify.setdefault(name, is_classifier_output(r.shape, name))
             if classify[name] and batch_labels is not None and r.ndim == 2:
                 fp32_correct[name] = fp32_correct.get(name, 0) + int((r.argmax(-1) == batch_labels).sum())

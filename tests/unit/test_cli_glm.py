@@ -84,3 +84,49 @@ def test_generate_from_text_with_a_tokenizer(exported, tmp_path):
     assert len([line for line in result.stdout.splitlines()]) == 2
     missing = CliRunner().invoke(main, ["generate", str(out), "--prompt", "the cat"])
     assert missing.exit_code not in (0, None) and "--tokenizer" in missing.stderr
+
+
+def test_int8_kv_cache_build_decodes_like_fp32(exported, tmp_path):
+    import numpy as np
+    import onnx
+
+    from trtglm.generate import greedy
+
+    out, _ = exported
+    rng = np.random.default_rng(0)
+    calib = tmp_path / "calib"
+    calib.mkdir()
+    n, s = 16, 12
+    np.save(calib / "input_ids.npy", rng.integers(0, CONFIG["vocab_size"], (n, s)).astype(np.int64))
+    np.save(calib / "attention_mask.npy", np.ones((n, s), np.int64))
+    np.save(calib / "position_ids.npy", np.tile(np.arange(s), (n, 1)).astype(np.int64))
+    for i in range(CONFIG["num_hidden_layers"]):
+        for kind in ("key", "value"):
+            np.save(calib / f"past_key_values.{i}.{kind}.npy", np.zeros((n, 2, 0, 16), np.float32))
+    result = CliRunner().invoke(main, ["build", str(out / "model.onnx"), "--calib", str(calib), "--kv-cache", "int8",
+                                       "--out", str(tmp_path / "kv")])
+    assert result.exit_code == 0, result.output
+    int8 = onnx.load(tmp_path / "kv" / "model.int8.qdq.onnx")
+    cache_types = {v.name: v.type.tensor_type.elem_type for v in [*int8.graph.input, *int8.graph.output]
+                   if v.name.startswith(("past", "present"))}
+    assert len(cache_types) == 8 and set(cache_types.values()) == {onnx.TensorProto.INT8}
+    prompts = rng.integers(0, CONFIG["vocab_size"], (2, 6)).tolist()
+    tokens, ref, _ = greedy(out, prompts, 12)
+    _, got, _ = greedy(tmp_path / "kv" / "model.int8.qdq.onnx", prompts, 12, forced=tokens)
+    assert (ref.argmax(-1) == got.argmax(-1)).mean() >= 0.8  # random weights, flat logits: the hard case
+
+
+def test_kv_cache_int8_needs_a_cache(tmp_path):
+    import numpy as np
+    import onnx
+
+    from tests import models
+
+    model = models.build_mlp()
+    onnx.save(model, tmp_path / "mlp.onnx")
+    (tmp_path / "c").mkdir()
+    np.save(tmp_path / "c" / "input.npy", np.random.default_rng(0).standard_normal((8, 16)).astype(np.float32))
+    result = CliRunner().invoke(main, ["build", str(tmp_path / "mlp.onnx"), "--calib", str(tmp_path / "c"),
+                                       "--kv-cache", "int8", "--out", str(tmp_path / "o")])
+    assert result.exit_code not in (0, None) and "past_key_values" in result.stderr
+    assert not (tmp_path / "o").exists()

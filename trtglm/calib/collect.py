@@ -119,3 +119,19 @@ def _feeds(batch: dict[str, np.ndarray], inputs: dict[str, onnx.ValueInfoProto],
         raise DataError(f"calibration batch {index}: missing input(s) {', '.join(map(repr, missing))}; "
                         f"the model expects {', '.join(map(repr, inputs))}")
     return {name: np.asarray(batch[name]) for name in inputs}
+
+
+def head_absmax(model: onnx.ModelProto, names: list[str], batches: Iterable[dict[str, np.ndarray]]) -> dict:
+    """Per-head absmax (over every axis but 1) of the named outputs ([batch, heads, seq, dim] KV-cache tensors)."""
+    session = runtime.session(model, optimize=True)
+    inputs = _graph_inputs(model)
+    found: dict[str, np.ndarray] = {}
+    for index, batch in enumerate(batches):
+        for name, value in zip(names, session.run(names, _feeds(batch, inputs, index))):
+            if value.size:
+                heads = np.abs(value).max(axis=(0, 2, 3)).astype(np.float64)
+                found[name] = heads if name not in found else np.maximum(found[name], heads)
+    missing = [n for n in names if n not in found]
+    if missing:
+        raise CalibrationError(f"--kv-cache int8: calibration never produced a non-empty '{missing[0]}'")
+    return found
