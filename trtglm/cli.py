@@ -131,10 +131,14 @@ def export(ctx, factory, inputs, dynamic_batch, opset, hf_config, weights, split
         except ImportError as e:
             raise ConfigError(f"trtglm export needs torch: pip install 'trtglm[export]' ({e})") from e
         if hf_config is not None:
+            from trtglm.onnx_io import staged_directory
+
             model = glm.glm_from_config(hf_config, weights)
-            manifest = glm.export_glm(model, output, split=split)
-            for line in _write_profiles(output, manifest, model.config, max_batch, max_seq, max_cache):
-                click.echo(line)
+            with staged_directory(output) as staging:  # all files appear together, or none
+                manifest = glm.export_glm(model, staging, split=split)
+                lines = _write_profiles(staging, manifest, model.config, max_batch, max_seq, max_cache)
+            for line in lines:
+                click.echo(line.replace(str(staging), str(output)))
             return
         if not inputs:
             raise ConfigError("FACTORY needs --input name:shape:dtype (one per model input)")

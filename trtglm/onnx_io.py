@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -117,3 +118,25 @@ def _copy(model: onnx.ModelProto) -> onnx.ModelProto:
 def _first_line(e: BaseException) -> str:
     text = str(e).strip().splitlines()
     return text[0] if text else type(e).__name__
+
+
+@contextmanager
+def staged_directory(directory: Path):
+    """Write every artefact into a hidden staging folder, then move them into place together."""
+    created = not directory.exists()
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=".trtglm-staging-", dir=directory))
+    except OSError as e:
+        raise TrtglmError(f"output directory {directory}: cannot write ({e.strerror})") from e
+    try:
+        yield staging
+        for item in sorted(staging.iterdir()):
+            target = directory / item.name
+            if target.is_dir() and item.is_dir():
+                shutil.rmtree(target)
+            os.replace(item, target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+        if created and directory.exists() and not any(directory.iterdir()):
+            directory.rmdir()

@@ -3,10 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
-import os
 import resource
-import shutil
-import tempfile
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
@@ -92,7 +89,7 @@ def build(cfg: BuildConfig, console=None) -> dict:
     con = console or report.console()
     timer = _Timer()
     final = Artefacts.of(cfg)
-    with _staging(final.directory) as staging:
+    with onnx_io.staged_directory(final.directory) as staging:
         out = final.staged(staging)
         with timer.stage("load"):
             original = onnx_io.load_model(cfg.model)
@@ -384,25 +381,3 @@ def _version() -> str:
 
 def _fmt_counts(counts: dict[str, int]) -> str:
     return ", ".join(f"{k} {v}" for k, v in counts.items())
-
-
-@contextmanager
-def _staging(directory: Path):
-    """Write every artefact into a hidden staging folder, then move them into place together."""
-    created = not directory.exists()
-    try:
-        directory.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=".trtglm-staging-", dir=directory))
-    except OSError as e:
-        raise TrtglmError(f"output directory {directory}: cannot write ({e.strerror})") from e
-    try:
-        yield staging
-        for item in sorted(staging.iterdir()):
-            target = directory / item.name
-            if target.is_dir() and item.is_dir():
-                shutil.rmtree(target)
-            os.replace(item, target)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-        if created and directory.exists() and not any(directory.iterdir()):
-            directory.rmdir()
