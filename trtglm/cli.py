@@ -39,6 +39,8 @@ def main(ctx: click.Context, debug: bool):
               help="Weight-only quantization with blocked scales (opset 21), no calibration data.")
 @click.option("--block-size", default=128, show_default=True, help="--weight-only: weights per scale along K.")
 @click.option("--asymmetric", is_flag=True, help="--weight-only: uint weights with zero points (ONNX Runtime).")
+@click.option("--backend", default="auto", show_default=True, type=click.Choice(["auto", "tensorrt", "onnxruntime"]),
+              help="auto: also build a TensorRT engine when TensorRT and a GPU are here; tensorrt: fail without.")
 @click.option("--kv-cache", default="float", show_default=True, type=click.Choice(["float", "int8"]),
               help="int8: the KV cache (past/present tensors) as int8 with per-head scales; needs --calib.")
 @click.option("--fp16", is_flag=True, help="Write the float part of the graph in FP16 (inputs/outputs keep their types).")
@@ -70,7 +72,7 @@ def main(ctx: click.Context, debug: bool):
 @click.option("--out", type=_PATH, help="Output directory (default: MODEL.trtglm/).")
 @click.option("-o", "out_onnx", type=_PATH, help="Write the Q/DQ model to FILE.onnx; the rest beside it.")
 @click.pass_context
-def build(ctx, model, int8, weight_only, block_size, asymmetric, kv_cache, fp16, attention, tokenizer, max_seq, calib, calib_script, calib_cache, calib_method, percentile, preprocess, eval_,
+def build(ctx, model, int8, weight_only, block_size, asymmetric, backend, kv_cache, fp16, attention, tokenizer, max_seq, calib, calib_script, calib_cache, calib_method, percentile, preprocess, eval_,
           exclude, int8_attention, smoothquant, accuracy_budget, quant_config, target, check_tol, batch_size, max_calib_samples, out, out_onnx):
     """Fuse, calibrate and quantize MODEL; verify INT8 against FP32 on ONNX Runtime."""
     from trtglm import pipeline
@@ -80,7 +82,7 @@ def build(ctx, model, int8, weight_only, block_size, asymmetric, kv_cache, fp16,
         if out is not None and out_onnx is not None:
             raise ConfigError("give either --out DIR or -o FILE.onnx, not both")
         cfg = BuildConfig(model=model, out=out, out_onnx=out_onnx, int8=int8, weight_only=weight_only,
-                          block_size=block_size, asymmetric=asymmetric, kv_cache=kv_cache, fp16=fp16, attention=attention,
+                          block_size=block_size, asymmetric=asymmetric, backend=backend, kv_cache=kv_cache, fp16=fp16, attention=attention,
                           tokenizer=tokenizer, max_seq=max_seq, calib=calib,
                           calib_script=calib_script, calib_cache=calib_cache, calib_method=calib_method,
                           percentile=percentile, preprocess=preprocess, eval=eval_, exclude=tuple(exclude), int8_attention=int8_attention,

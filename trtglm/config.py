@@ -50,6 +50,7 @@ class BuildConfig:
     weight_only: str | None = None  # int8 | int4: blocked weight-only quantization instead of calibrated INT8
     block_size: int = 128  # weight-only: weights per scale along the reduction axis
     asymmetric: bool = False  # weight-only: uint weights with zero points (ONNX Runtime; TensorRT wants symmetric)
+    backend: str = "auto"  # auto: a TensorRT engine when TensorRT and a GPU are here | tensorrt | onnxruntime
     kv_cache: str = "float"  # int8: past/present KV-cache tensors as int8 with per-head scales
     attention: str = "decomposed"  # native: rewrite attention blocks as the opset-23 Attention op
     tokenizer: Path | None = None  # --calib/--eval are text files, tokenized with this local tokenizer
@@ -104,6 +105,8 @@ class BuildConfig:
             raise ConfigError(f"--weight-only {self.weight_only!r}: choose one of {', '.join(WEIGHT_ONLY)}")
         if self.block_size < 2 or self.block_size & (self.block_size - 1):
             raise ConfigError(f"--block-size {self.block_size}: give a power of two >= 2 (128 is typical)")
+        if self.backend not in ("auto", "tensorrt", "onnxruntime"):
+            raise ConfigError(f"--backend {self.backend!r}: choose auto, tensorrt or onnxruntime")
         if self.kv_cache not in ("float", "int8"):
             raise ConfigError(f"--kv-cache {self.kv_cache!r}: choose float or int8")
         if self.kv_cache == "int8" and (self.calib is None or not self.int8):

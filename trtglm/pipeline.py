@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import importlib.util
 import resource
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
@@ -20,7 +20,10 @@ from trtglm.calib.collect import collect, head_absmax
 from trtglm.calib.methods import Scales, scales_for
 from trtglm.calib.rows import RowSample
 from trtglm.calib.text import open_text_dataset
-from trtglm.config import BuildConfig
+from trtglm import profiles
+from trtglm.config import BuildConfig, ShapeProfile
+from trtglm.engine.build import build_engine, tensorrt_status
+from trtglm.engine.commands import polygraphy_command, trtexec_command
 from trtglm.errors import ConfigError, ModelError, TrtglmError
 from trtglm.passes import DEFAULT_PIPELINE, PassContext, fusion_summary, run_passes
 from trtglm.passes.insert_qdq import QUANTIZED_OPS, QdqPlan, insert_qdq, plan_qdq
@@ -198,14 +201,19 @@ def build(cfg: BuildConfig, console=None) -> dict:
                 fp32_rel_err = verify.max_relative_error(original, fp32, feeds)
                 comparison = verify.compare_with_fp32(original, model, eval_set.batches(eval_idx, cfg.batch_size),
                                                       eval_set.labels(eval_idx))
+        with timer.stage("engine"):
+            engine = _engine(cfg, final, out, fp32, calib_set if calib_set is not None else eval_set)
         rep = report.make(cfg=cfg, artefacts=final, pass_counts=pass_counts, fusions=fusions, pass_log=ctx.log,
                           plan=plan, scales=scales, stats=stats,
                           n_quantized=n_quantized, seven_bit_ops=seven_bit_ops, comparison=comparison,
-                          fp32_rel_err=fp32_rel_err, engine=_engine_status(), layers=layers, sensitivity=sens,
+                          fp32_rel_err=fp32_rel_err, engine=engine, layers=layers, sensitivity=sens,
                           timings=timer.stages, peak_rss_mb=_peak_rss_mb(), stage_peak_rss_mb=timer.peak_rss_mb,
                           eval_source=_eval_source(cfg, eval_set, eval_idx))
         report.write(rep, stats, scales, out)
     report.print_summary(rep, con)
+    if cfg.backend == "tensorrt" and not rep["engine"]["built"]:
+        raise TrtglmError(f"--backend tensorrt: no engine: {rep['engine']['missing']}; still wrote and verified "
+                          f"{final.qdq} on ONNX Runtime, with the report in {final.directory}")
     if cfg.check_tol is not None:
         report.check_tolerance(rep, cfg.check_tol)
     return rep
@@ -361,12 +369,41 @@ def _used(scales: Scales, names: list[str]) -> Scales:
     return Scales({n: scales.amax[n] for n in keep}, {n: scales.method[n] for n in keep})
 
 
-def _engine_status() -> dict:
-    if importlib.util.find_spec("tensorrt") is None:
-        return {"built": False, "reason": "TensorRT is not installed (pip extra 'tensorrt' on a GPU node); "
-                                          "the Q/DQ ONNX was verified on the embedded ONNX Runtime backend"}
-    return {"built": False, "reason": "the TensorRT engine stage is not part of this release yet; "
-                                      "the Q/DQ ONNX was verified on the embedded ONNX Runtime backend"}
+def _engine(cfg: BuildConfig, final: Artefacts, out: Artefacts, fp32: onnx.ModelProto, data) -> dict:
+    """Build the TensorRT engine when TensorRT and a GPU are here (--backend auto|tensorrt); either way record the
+    trtexec and polygraphy command lines that build or cross-check it on a GPU node."""
+    profiles = _engine_profiles(cfg, fp32, data)
+    engine_file = final.directory / "model.engine"
+    commands = {"trtexec": trtexec_command(final.qdq, engine_file, profiles),
+                "polygraphy": polygraphy_command(final.qdq, final.directory / "model.polygraphy.engine", profiles)}
+    available, reason = tensorrt_status() if cfg.backend != "onnxruntime" else (False, "--backend onnxruntime")
+    if not available:
+        return {"built": False, "reason": f"{reason}; the ONNX was verified on the embedded ONNX Runtime backend",
+                "missing": reason, "profiles": _plain_profiles(profiles), **commands}
+    sidecar = build_engine(out.qdq, out.directory / "model.engine", profiles)
+    return {"built": True, "path": str(engine_file), "sidecar": sidecar, **commands}
+
+
+def _engine_profiles(cfg: BuildConfig, fp32: onnx.ModelProto, data) -> list:
+    """The shape profiles of the model's manifest (trtglm export writes one beside it), else one profile from the
+    data: batch 1 to --batch-size, the data's other dims."""
+    manifest = profiles.manifest_path(cfg.model)
+    if manifest.is_file():
+        return profiles.read_manifest(manifest).profiles
+    dynamic = {name: dims for name, dims in profiles.model_inputs(fp32).items()
+               if dims is not None and any(not isinstance(d, int) for d in dims)}
+    if not dynamic or data is None:
+        return []
+    sample = next(iter(data.batches(range(min(len(data), 1)), 1)))
+    found = {}
+    for name in dynamic:
+        shape = tuple(int(d) for d in np.asarray(sample[name]).shape)
+        found[name] = ShapeProfile((1, *shape[1:]), (cfg.batch_size, *shape[1:]), (cfg.batch_size, *shape[1:]))
+    return [found]
+
+
+def _plain_profiles(found: list) -> list:
+    return [{name: {"min": p.min, "opt": p.opt, "max": p.max} for name, p in profile.items()} for profile in found]
 
 
 def _peak_rss_mb() -> float:

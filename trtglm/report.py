@@ -178,6 +178,8 @@ def _markdown(rep: dict, worst, plots: dict, plots_dir: str) -> str:
              f"- target: `{rep['target']}`; weights per channel, {rep['weights']}; activations per tensor, 8-bit",
              f"- CPU: {rep['cpu']['name']} (VNNI: {'yes' if rep['cpu']['vnni'] else 'no'})",
              f"- TensorRT engine: {'built' if rep['engine']['built'] else 'not built: ' + rep['engine']['reason']}",
+             f"- on a GPU node, build it with `{rep['engine']['trtexec']}`",
+             f"- and cross-check TensorRT against ONNX Runtime with `{rep['engine']['polygraphy']}`",
              f"- passes: {', '.join(f'{k} {v}' for k, v in rep['passes'].items())}",
              f"- blocks in the optimized graph: {', '.join(f'{k} {v}' for k, v in rep['fusions'].items())}",
              f"- quantized tensors: {rep['quantization']['tensors_quantized']} "

@@ -58,7 +58,10 @@ def test_build_writes_every_artefact(cnn, tmp_path):
     assert names == ["calib.cache", "model.fp32.opt.onnx", "model.int8.qdq.onnx", "plots", "quant_config.json",
                      "report.json", "report.md"]
     rep = json.loads((out / "report.json").read_text())
-    assert rep["engine"]["built"] is False and "TensorRT" in rep["engine"]["reason"]
+    assert rep["engine"]["built"] is False and "tensorrt" in rep["engine"]["reason"].lower()
+    assert rep["engine"]["trtexec"].startswith("trtexec --onnx=") and "--minShapes=input:1x3x8x8" in \
+        rep["engine"]["trtexec"]  # one profile from the data: batch 1 to --batch-size
+    assert rep["engine"]["polygraphy"].startswith("polygraphy run")
     acc = rep["accuracy"]
     assert acc["samples"] == 13  # the held-out 20% of 64
     logits = acc["outputs"]["logits"]
@@ -192,3 +195,10 @@ def test_smoothquant_build_and_bad_alpha(cnn, tmp_path):
     assert "smooth_quant" in rep["passes"]  # a CNN has no MatMul to smooth: the count says so
     _assert_one_line_error(_build(model, "--calib", calib, "--smoothquant", "1.5", "--out", tmp_path / "bad"),
                            "--smoothquant 1.5")
+
+
+def test_backend_tensorrt_without_tensorrt_says_what_is_missing_and_what_was_written(cnn, tmp_path):
+    model, calib = cnn
+    result = _build(model, "--calib", calib, "--backend", "tensorrt", "--out", tmp_path / "t")
+    _assert_one_line_error(result, "--backend tensorrt", "tensorrt Python package", "model.int8.qdq.onnx")
+    assert (tmp_path / "t" / "model.int8.qdq.onnx").is_file() and not (tmp_path / "t" / "model.engine").exists()
