@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from trtglm import __version__, runtime
@@ -158,7 +159,7 @@ def print_summary(rep: dict, con: Console) -> None:
     else:
         con.print("no evaluation data: accuracy not measured")
     eng = rep["engine"]
-    con.print("TensorRT engine: " + ("built" if eng["built"] else f"not built: {eng['reason']}"))
+    con.print("TensorRT engine: " + ("built" if eng["built"] else f"not built: {escape(eng['reason'])}"))
     con.print(f"CPU: {rep['cpu']['name']} (VNNI: {'yes' if rep['cpu']['vnni'] else 'no'}); "
               f"weights {rep['weights']}; peak memory {rep['peak_rss_mb']} MB")
     con.print(f"wrote {rep['artefacts']['qdq']} and the report in {rep['artefacts']['directory']}")

@@ -27,7 +27,7 @@ from trtglm.engine.commands import polygraphy_command, trtexec_command
 from trtglm.errors import ConfigError, ModelError, TrtglmError
 
 ROOT = Path(__file__).resolve().parents[2]
-SURFACES = ROOT.parent / "shared" / "tensorrt"
+SURFACES = ROOT / "tests" / "data" / "tensorrt"  # copies of ../shared/tensorrt (see its README)
 ENGINE_SOURCES = sorted((ROOT / "trtglm" / "engine").glob("*.py"))
 MODULE_DUNDERS = {"__version__"}  # the dumps list a module's constants, functions, enums and classes, no dunders
 
