@@ -98,6 +98,7 @@ def build_engine(onnx_path: Path, engine_path: Path, profiles: list[dict[str, Sh
     network, _parser = _parse(trt, builder, logger, onnx_path)  # the parser owns the weights: keep it alive
     config = builder.create_builder_config()
     config.builder_optimization_level = opt_level
+    config.profiling_verbosity = trt.ProfilingVerbosity.DETAILED  # per-layer precisions for the inspector
     if workspace_mb is not None:
         config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, workspace_mb << 20)
     _add_profiles(trt, builder, config, network, profiles, logger)
@@ -115,6 +116,7 @@ def build_engine(onnx_path: Path, engine_path: Path, profiles: list[dict[str, Sh
     engine = runtime.deserialize_cuda_engine(serialized)
     if engine is None:
         raise TrtglmError(f"TensorRT built {engine_path.name} but cannot load it back ({_last(logger.errors)})")
+    layers = _layers(trt, engine)
     sidecar = {
         "format": FORMAT, "tensorrt_version": trt.__version__,
         "onnx": str(onnx_path), "onnx_sha256": _sha256(onnx_path),
@@ -122,7 +124,7 @@ def build_engine(onnx_path: Path, engine_path: Path, profiles: list[dict[str, Sh
                      for shapes in profiles],
         "opt_level": opt_level, "workspace_mb": workspace_mb,
         "timing_cache": None if timing_cache is None else str(timing_cache),
-        "io": _io(engine), "build_seconds": round(time.perf_counter() - start, 3),
+        "io": _io(engine), "layers": _layer_summary(layers), "build_seconds": round(time.perf_counter() - start, 3),
         "commands": {
             "trtexec": trtexec_command(onnx_path, engine_path, profiles, opt_level, workspace_mb, timing_cache),
             "polygraphy": polygraphy_command(onnx_path, engine_path.with_suffix(".polygraphy.engine"), profiles)},
@@ -132,6 +134,8 @@ def build_engine(onnx_path: Path, engine_path: Path, profiles: list[dict[str, Sh
     if timing_cache is not None:
         with atomic_path(Path(timing_cache)) as tmp:
             tmp.write_bytes(config.get_timing_cache().serialize())
+    with atomic_path(layers_path(engine_path)) as tmp:
+        tmp.write_text(json.dumps(layers, indent=1) + "\n")
     with atomic_path(sidecar_path(engine_path)) as tmp:
         tmp.write_text(json.dumps(sidecar, indent=2) + "\n")
     return sidecar
@@ -140,6 +144,24 @@ def build_engine(onnx_path: Path, engine_path: Path, profiles: list[dict[str, Sh
 def sidecar_path(engine_path: Path) -> Path:
     """model.engine -> model.engine.json beside it."""
     return Path(engine_path).with_name(Path(engine_path).name + ".json")
+
+
+def layers_path(engine_path: Path) -> Path:
+    """model.engine -> model.engine.layers.json: the engine inspector's record of every layer."""
+    return Path(engine_path).with_name(Path(engine_path).name + ".layers.json")
+
+
+def _layers(trt, engine: trt.ICudaEngine) -> list:
+    """The engine inspector's per-layer records (DETAILED verbosity: layer types, tactics, input/output formats)."""
+    inspector = engine.create_engine_inspector()
+    info = json.loads(inspector.get_engine_information(trt.LayerInformationFormat.JSON))
+    return info.get("Layers", []) if isinstance(info, dict) else []
+
+
+def _layer_summary(layers: list) -> dict:
+    """How many layers TensorRT runs with INT8 tensors: a record naming an Int8 format or data type. Searched as
+    text because the record schema differs between TensorRT 10 and 11 (the full records are in .layers.json)."""
+    return {"count": len(layers), "int8": sum("int8" in json.dumps(layer).lower() for layer in layers)}
 
 
 def _parse(trt, builder: trt.Builder, logger, onnx_path: Path) -> tuple:
