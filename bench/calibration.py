@@ -34,6 +34,7 @@ from common import (
     trtglm_exe,
     trtglm_stage_times,
     versions,
+    warm_imports,
     yes_no,
 )
 
@@ -198,22 +199,10 @@ def _worker_floor(args) -> dict:
     return {"quantize_s": time.perf_counter() - start}
 
 
-def _worker_warmup(args) -> dict:
-    """Untimed: imports every tool's modules once so that no measured run pays for a cold file cache."""
-    import importlib
-
-    for module in ("onnxruntime.quantization", "modelopt.onnx.quantization", "trtglm.pipeline"):
-        try:
-            importlib.import_module(module)
-        except ImportError:
-            pass
-    return {}
-
-
 def run_worker(args) -> None:
     np.random.seed(SEED)
     if args.worker in ("warmup", "floor"):
-        result = {"warmup": _worker_warmup, "floor": _worker_floor}[args.worker](args)
+        result = {"warmup": warm_imports, "floor": _worker_floor}[args.worker](args)
     else:
         tool = TOOLS_BY_NAME[args.worker]
         result = {"modelopt": _worker_modelopt, "ort": _worker_ort}[tool.family](tool, args)

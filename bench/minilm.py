@@ -38,6 +38,7 @@ from common import (
     trtglm_exe,
     trtglm_stage_times,
     versions,
+    warm_imports,
     yes_no,
 )
 
@@ -217,22 +218,10 @@ def _worker_ort(row: Row, args) -> dict:
     return result
 
 
-def _worker_warmup(args) -> dict:
-    """Untimed: imports every tool's modules once so that no measured run pays for a cold file cache."""
-    import importlib
-
-    for module in ("onnxruntime.quantization", "modelopt.onnx.quantization", "trtglm.pipeline"):
-        try:
-            importlib.import_module(module)
-        except ImportError:
-            pass
-    return {}
-
-
 def run_worker(args) -> None:
     np.random.seed(SEED)
     if args.worker == "warmup":
-        result = _worker_warmup(args)
+        result = warm_imports(args)
     else:
         row = PEERS_BY_NAME[args.worker]
         result = {"modelopt": _worker_modelopt, "ort": _worker_ort}[row.family](row, args)

@@ -320,14 +320,15 @@ def run_ort(model: onnx.ModelProto, feeds: dict[str, np.ndarray], optimize: bool
 # --- applying passes ---------------------------------------------------------------------------------------
 
 
-def apply_pass(model: onnx.ModelProto, fn) -> tuple[onnx.ModelProto, int, list[str]]:
-    """Run one pass (or run_passes-style callable) on `model`; return the checked result, the count and the log."""
+def apply_pass(model: onnx.ModelProto, fn, opset: int = OPSET, **context) -> tuple[onnx.ModelProto, int, list[str]]:
+    """Run one pass (or run_passes-style callable) on `model` with PassContext(opset, **context); return the checked
+    result, the count and the log."""
     import onnx_graphsurgeon as gs
 
     from trtglm.passes import PassContext
 
     graph = gs.import_onnx(model)
-    ctx = PassContext(opset=OPSET)
+    ctx = PassContext(opset=opset, **context)
     count = fn(graph, ctx)
     out = gs.export_onnx(graph)
     onnx.checker.check_model(out, full_check=True)

@@ -55,12 +55,8 @@ def greedy(model_dir_or_paths: str | Path | tuple[str | Path, str | Path], promp
         raise ModelError(f"{decode_file}: expected past_key_values.* inputs and as many present.* outputs, got "
                          f"{len(pasts)} and {len(presents)}")
 
-    batch, width = len(prompt_ids), max(len(row) for row in prompt_ids)
-    ids = np.zeros((batch, width), np.int64)
-    mask = np.zeros((batch, width), np.int64)
-    for r, row in enumerate(prompt_ids):
-        ids[r, width - len(row):] = row
-        mask[r, width - len(row):] = 1
+    batch = len(prompt_ids)
+    ids, mask = _left_padded(prompt_ids)
     positions = np.maximum(np.cumsum(mask, axis=1) - 1, 0)
 
     start = time.perf_counter()
@@ -110,12 +106,8 @@ def greedy_no_cache(model_dir_or_paths, prompt_ids: list[list[int]], max_new_tok
     prefill_file, _ = _graph_files(model_dir_or_paths)
     session = _session(prefill_file, threads)
     pasts = [i for i in session.get_inputs() if i.name.startswith("past_key_values.")]
-    batch, width = len(prompt_ids), max(len(row) for row in prompt_ids)
-    ids = np.zeros((batch, width), np.int64)
-    mask = np.zeros((batch, width), np.int64)
-    for r, row in enumerate(prompt_ids):
-        ids[r, width - len(row):] = row
-        mask[r, width - len(row):] = 1
+    batch = len(prompt_ids)
+    ids, mask = _left_padded(prompt_ids)
     new, step_s, start = [], [], time.perf_counter()
     for _ in range(max_new_tokens):
         t0 = time.perf_counter()
@@ -150,6 +142,17 @@ def bench_decode(model_dir_or_paths, batch_sizes: tuple[int, ...] = (1, 4, 16), 
     return {"rows": rows, "prompt_len": prompt_len, "new_tokens": new_tokens,
             "no_cache_tokens_per_s": without.tokens_per_s, "cache_tokens_per_s": cache_tps,
             "cache_speedup": cache_tps / without.tokens_per_s, "same_tokens": cached == uncached}
+
+
+def _left_padded(prompt_ids: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
+    """(input_ids, attention_mask) with every prompt right-aligned: token 0 and mask 0 in front of shorter ones."""
+    width = max(len(row) for row in prompt_ids)
+    ids = np.zeros((len(prompt_ids), width), np.int64)
+    mask = np.zeros((len(prompt_ids), width), np.int64)
+    for r, row in enumerate(prompt_ids):
+        ids[r, width - len(row):] = row
+        mask[r, width - len(row):] = 1
+    return ids, mask
 
 
 def _run(session: ort.InferenceSession, binding: ort.IOBinding, presents: list[str]) -> list[ort.OrtValue]:

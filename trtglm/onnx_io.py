@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import tempfile
@@ -140,3 +141,12 @@ def staged_directory(directory: Path):
         shutil.rmtree(staging, ignore_errors=True)
         if created and directory.exists() and not any(directory.iterdir()):
             directory.rmdir()
+
+
+def file_sha256(path: Path) -> str:
+    """Hex sha256 of a file, read in 1 MiB blocks (models are recorded by hash in reports and engine sidecars)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import re
@@ -17,6 +16,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from trtglm import __version__, runtime
+from trtglm.onnx_io import file_sha256
 from trtglm.calib.stats import NUM_BINS
 from trtglm.errors import AccuracyError
 from trtglm.sensitivity import int8_mac_fraction
@@ -44,7 +44,7 @@ def make(*, cfg, artefacts, pass_counts, fusions, pass_log, plan, scales, stats,
         tensors[name] = row
     return {
         "trtglm_version": __version__,
-        "model": {"path": str(cfg.model), "sha256": _sha256(cfg.model)},
+        "model": {"path": str(cfg.model), "sha256": file_sha256(cfg.model)},
         "config": {f.name: _plain(getattr(cfg, f.name)) for f in fields(cfg)},
         "target": cfg.target,
         "cpu": {"name": runtime.cpu_name(), "vnni": runtime.has_vnni()},
@@ -275,12 +275,6 @@ def _short(name: str, keep: int = 28) -> str:
     return name if len(name) <= keep else "..." + name[-keep + 3:]
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _plain(value):

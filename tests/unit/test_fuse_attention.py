@@ -15,12 +15,7 @@ from trtglm.passes.fuse_attention import fuse_attention
 
 
 def _fuse(model, mode="native", opset=23):
-    graph = gs.import_onnx(model)
-    ctx = PassContext(opset=opset, attention=mode)
-    count = fuse_attention(graph, ctx)
-    out = gs.export_onnx(graph)
-    onnx.checker.check_model(out, full_check=True)
-    return out, count, ctx.log
+    return models.apply_pass(model, fuse_attention, opset, attention=mode)
 
 
 def _attrs(node):

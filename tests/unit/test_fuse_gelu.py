@@ -9,7 +9,7 @@ import pytest
 from onnx import TensorProto, helper, version_converter
 
 from tests import models
-from trtglm.passes import DEFAULT_PIPELINE, PassContext, run_passes
+from trtglm.passes import DEFAULT_PIPELINE, run_passes
 from trtglm.passes.fuse_gelu import fuse_gelu
 
 CONSTANTS = {"sqrt2": 1.41421, "inv_sqrt2": 0.70710, "one": 1.0, "half": 0.5, "coeff": 0.044715,
@@ -71,12 +71,7 @@ def _gelu_model(form="erf", scale="div", cube="pow", assoc="half_x", swap=False,
 
 
 def _fuse(model, opset=20):
-    graph = gs.import_onnx(model)
-    ctx = PassContext(opset=opset)
-    count = fuse_gelu(graph, ctx)
-    out = gs.export_onnx(graph)
-    onnx.checker.check_model(out, full_check=True)
-    return out, count, ctx.log
+    return models.apply_pass(model, fuse_gelu, opset)
 
 
 def _check_equal(before, after):

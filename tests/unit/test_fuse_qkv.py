@@ -54,12 +54,7 @@ def _proj_model(sizes=(8, 8, 8), bias=(True, True, True), bias_shapes=None, vari
 
 
 def _fuse(model, opset=17):
-    graph = gs.import_onnx(model)
-    ctx = PassContext(opset=opset)
-    count = fuse_qkv(graph, ctx)
-    out = gs.export_onnx(graph)
-    onnx.checker.check_model(out, full_check=True)
-    return out, count, ctx.log
+    return models.apply_pass(model, fuse_qkv, opset)
 
 
 def _check_equal(before, after):

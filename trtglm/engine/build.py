@@ -16,7 +16,6 @@ is missing (the Python package, its native libraries, or a GPU).
 from __future__ import annotations
 
 import ctypes
-import hashlib
 import importlib.util
 import json
 import logging
@@ -30,7 +29,7 @@ from google.protobuf.message import DecodeError
 from trtglm.config import ShapeProfile
 from trtglm.engine.commands import polygraphy_command, trtexec_command
 from trtglm.errors import ConfigError, ModelError, TrtglmError
-from trtglm.onnx_io import atomic_path
+from trtglm.onnx_io import atomic_path, file_sha256
 from trtglm.profiles import check_profiles, model_inputs
 
 if TYPE_CHECKING:
@@ -119,7 +118,7 @@ def build_engine(onnx_path: Path, engine_path: Path, profiles: list[dict[str, Sh
     layers = _layers(trt, engine)
     sidecar = {
         "format": FORMAT, "tensorrt_version": trt.__version__,
-        "onnx": str(onnx_path), "onnx_sha256": _sha256(onnx_path),
+        "onnx": str(onnx_path), "onnx_sha256": file_sha256(onnx_path),
         "profiles": [{name: {"min": list(p.min), "opt": list(p.opt), "max": list(p.max)} for name, p in shapes.items()}
                      for shapes in profiles],
         "opt_level": opt_level, "workspace_mb": workspace_mb,
@@ -251,11 +250,3 @@ def _gpu_problem() -> str | None:
 def _last(errors: list[str], exc: Exception | None = None) -> str:
     text = errors[-1] if errors else (str(exc) if exc else "no error message; rerun with --debug for TensorRT's log")
     return " ".join(text.split())
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()

@@ -19,9 +19,7 @@ torch and transformers are optional dependencies (`pip install 'trtglm[export]'`
 from __future__ import annotations
 
 import json
-import logging
 import warnings
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +27,7 @@ import onnx
 import torch
 
 from trtglm.errors import ConfigError, ModelError
+from trtglm.export.torch_export import quiet_exporter_logs
 
 SEED = 0
 OPSET = 18
@@ -181,7 +180,7 @@ def _export_one(wrapper: CacheWrapper, file: Path, with_past: bool, shape: tuple
         dynamic = ({0: batch, 1: seq}, {0: batch, 1: seq}, {0: batch, 1: seq})
         args = _example(config, shape, 2, 3, 0, with_past=False, seed=SEED)
     try:
-        with warnings.catch_warnings(), torch.no_grad(), _quiet("torch.onnx", "torch.export", "onnxscript"):
+        with warnings.catch_warnings(), torch.no_grad(), quiet_exporter_logs():
             warnings.simplefilter("ignore")  # the exporter's advice and axis-renaming notes
             torch.onnx.export(wrapper, args, str(file), dynamo=True, input_names=names, output_names=out_names,
                               opset_version=opset, dynamic_shapes=dynamic, external_data=True, verbose=False)
@@ -191,20 +190,6 @@ def _export_one(wrapper: CacheWrapper, file: Path, with_past: bool, shape: tuple
     for check in CHECK_SHAPES if with_past else ((2, 4, 0), (1, 1, 0)):
         _check_with_ort(wrapper, file, names, out_names,
                         _example(config, shape, *check, with_past=with_past, seed=SEED + 1))
-
-
-@contextmanager
-def _quiet(*names: str):
-    """Errors only from the exporter's loggers (skipped torchvision ops, fallbacks) while it runs."""
-    loggers = [logging.getLogger(name) for name in names]
-    levels = [logger.level for logger in loggers]
-    for logger in loggers:
-        logger.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        for logger, level in zip(loggers, levels):
-            logger.setLevel(level)
 
 
 def _summary(e: Exception) -> str:

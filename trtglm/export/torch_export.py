@@ -162,7 +162,7 @@ def onnx_from_torch(module, inputs: list[InputArg], path: Path, dynamic_batch: b
         with tempfile.TemporaryDirectory(prefix="trtglm-export-") as tmp:
             tmp_file = Path(tmp) / "model.onnx"
             try:
-                with warnings.catch_warnings(), _quiet_loggers():
+                with warnings.catch_warnings(), quiet_exporter_logs():
                     warnings.simplefilter("ignore", DeprecationWarning)
                     warnings.simplefilter("ignore", UserWarning)  # the exporters' advice; failures still raise
                     warnings.simplefilter("ignore", FutureWarning)
@@ -231,7 +231,7 @@ def _flatten(out) -> list:
 
 
 @contextmanager
-def _quiet_loggers():
+def quiet_exporter_logs():
     """The exporters log their fallbacks (opset conversion, skipped torchvision ops) with tracebacks; trtglm says
     which exporter it used and why it fell back, so their logs are held to errors during the export."""
     loggers = [logging.getLogger(name) for name in ("torch.onnx", "torch.export", "torch._dynamo", "onnxscript")]
