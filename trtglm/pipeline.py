@@ -122,6 +122,7 @@ def build(cfg: BuildConfig, console=None) -> dict:
                   + (f"; Q/DQ plan: {len(plan.activations)} activations, {len(plan.weights)} weights" if cfg.static_int8
                      else ""))
         stats, alphas, methods, scales, sens = {}, {}, {}, Scales({}, {}), None
+        calibrated = fp32  # the FP32 graph that was calibrated: after SmoothQuant, the smoothed one
         seven_bit_ops = (ORT_SATURATING_OPS if cfg.static_int8 and cfg.target == "ort-cpu" and not runtime.has_vnni()
                          else ())
         if cfg.static_int8:
@@ -147,18 +148,18 @@ def build(cfg: BuildConfig, console=None) -> dict:
                         pass_counts["smooth_quant"] = smooth_quant(graph, stats, smooth, frozenset(plan.skipped))
                         plan = plan_qdq(graph, policy)
                         searching = cfg.calib_method == "auto"
-                        stats, samples = calibrate(_export(graph, original), "calibrating (smoothed)")
+                        calibrated = _export(graph, original)
+                        stats, samples = calibrate(calibrated, "calibrating (smoothed)")
                     methods = search.methods_for(graph, stats, samples, cfg.calib_method, cfg.percentile,
                                                  {_smoothed(n, smooth): m for n, m in pinned.method.items()},
                                                  policy.keep_float)
                     scales = scales_for(stats, {n: c.value for n, c in methods.items()}, cfg.percentile)
             if cfg.accuracy_budget is not None:
                 with timer.stage("sensitivity"):
-                    smoothed_fp32 = _export(graph, original)
                     feeds = list(calib_set.batches(calib_idx[:SENSITIVITY_SAMPLES], cfg.batch_size))
                     sens = sensitivity.analyse(
-                        smoothed_fp32, sensitivity.linear_layers(graph, _quantized_nodes(graph, plan)),
-                        lambda keep: _quantized(smoothed_fp32, replace(policy, keep_float=policy.keep_float | keep),
+                        calibrated, sensitivity.linear_layers(graph, _quantized_nodes(graph, plan)),
+                        lambda keep: _quantized(calibrated, replace(policy, keep_float=policy.keep_float | keep),
                                                 scales.amax, seven_bit_ops),
                         feeds, cfg.accuracy_budget)
                     policy = replace(policy, keep_float=policy.keep_float | sens.keep_float)
