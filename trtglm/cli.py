@@ -13,6 +13,35 @@ from trtglm.errors import ConfigError, TrtglmError
 _PATH = click.Path(path_type=Path)
 
 
+def _engine_options(fn):
+    """TensorRT builder options shared by `build` and `engine`."""
+    options = [
+        click.option("--shapes", "shapes", multiple=True,
+                     help="Engine profile NAME:MIN/OPT/MAX[,NAME:...] (shapes as 1x128); repeat for more profiles."),
+        click.option("--batch", "batch_profile", help="Engine profile over axis 0 of the dynamic inputs: MIN:OPT:MAX."),
+        click.option("--opt-level", default=3, show_default=True, help="TensorRT builder optimization level 0..5."),
+        click.option("--workspace", type=int, help="TensorRT workspace memory pool limit in MiB."),
+        click.option("--timing-cache", type=_PATH, help="TensorRT timing cache: read if present, updated after."),
+        click.option("--plugins", multiple=True, type=_PATH,
+                     help="Plugin library .so or Python plugin module .py to load (repeatable; also $TRTGLM_PLUGINS)."),
+        click.option("--implicit-int8", "implicit_cache", type=_PATH,
+                     help="TensorRT 10 only: implicit INT8 from this calibration cache (TensorRT 11 has none)."),
+    ]
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+
+def _engine_config(shapes, batch_profile, opt_level, workspace, timing_cache, plugins, implicit_cache):
+    from trtglm.config import EngineOptions
+    from trtglm.engine.build import env_plugins
+    from trtglm.profiles import parse_shapes
+
+    opts = EngineOptions(opt_level=opt_level, workspace_mb=workspace, timing_cache=timing_cache,
+                         plugins=tuple(plugins) + env_plugins(), implicit_cache=implicit_cache)
+    return tuple(parse_shapes(text) for text in shapes), batch_profile, opts
+
+
 def _run(ctx: click.Context, fn, *args):
     try:
         return fn(*args)
@@ -71,9 +100,11 @@ def main(ctx: click.Context, debug: bool):
 @click.option("--max-calib-samples", type=int, help="Use at most this many calibration units.")
 @click.option("--out", type=_PATH, help="Output directory (default: MODEL.trtglm/).")
 @click.option("-o", "out_onnx", type=_PATH, help="Write the Q/DQ model to FILE.onnx; the rest beside it.")
+@_engine_options
 @click.pass_context
 def build(ctx, model, int8, weight_only, block_size, asymmetric, backend, kv_cache, fp16, attention, tokenizer, max_seq, calib, calib_script, calib_cache, calib_method, percentile, preprocess, eval_,
-          exclude, int8_attention, smoothquant, accuracy_budget, quant_config, target, check_tol, batch_size, max_calib_samples, out, out_onnx):
+          exclude, int8_attention, smoothquant, accuracy_budget, quant_config, target, check_tol, batch_size, max_calib_samples, out, out_onnx,
+          shapes, batch_profile, opt_level, workspace, timing_cache, plugins, implicit_cache):
     """Fuse, calibrate and quantize MODEL; verify INT8 against FP32 on ONNX Runtime."""
     from trtglm import pipeline
     from trtglm.config import BuildConfig
@@ -81,6 +112,8 @@ def build(ctx, model, int8, weight_only, block_size, asymmetric, backend, kv_cac
     def go():
         if out is not None and out_onnx is not None:
             raise ConfigError("give either --out DIR or -o FILE.onnx, not both")
+        profiles, batch, engine = _engine_config(shapes, batch_profile, opt_level, workspace, timing_cache, plugins,
+                                                 implicit_cache)
         cfg = BuildConfig(model=model, out=out, out_onnx=out_onnx, int8=int8, weight_only=weight_only,
                           block_size=block_size, asymmetric=asymmetric, backend=backend, kv_cache=kv_cache, fp16=fp16, attention=attention,
                           tokenizer=tokenizer, max_seq=max_seq, calib=calib,
@@ -89,7 +122,8 @@ def build(ctx, model, int8, weight_only, block_size, asymmetric, backend, kv_cac
                           smoothquant=_smoothquant(smoothquant), accuracy_budget=accuracy_budget,
                           quant_config=quant_config,
                           target=target, check_tol=check_tol, batch_size=batch_size,
-                          max_calib_samples=max_calib_samples)
+                          max_calib_samples=max_calib_samples, profiles=profiles, batch_profile=batch,
+                          engine=engine)
         pipeline.build(cfg)
 
     _run(ctx, go)
@@ -250,6 +284,186 @@ def bench_decode(ctx, model, batches, prompt_len, new_tokens):
         click.echo(json.dumps(result), err=True)
 
     _run(ctx, go)
+
+
+@main.command("engine")
+@click.argument("model", type=_PATH)
+@click.option("-o", "--output", type=_PATH, help="Engine file to write (default: MODEL with .engine).")
+@_engine_options
+@click.pass_context
+def engine_cmd(ctx, model, output, shapes, batch_profile, opt_level, workspace, timing_cache, plugins, implicit_cache):
+    """Build a TensorRT engine from an ONNX file (a Q/DQ ONNX from `trtglm build`, or any ONNX) with its sidecar."""
+    import onnx
+
+    from trtglm import profiles as prof
+    from trtglm.engine.build import build_engine
+
+    def go():
+        found, batch, opts = _engine_config(shapes, batch_profile, opt_level, workspace, timing_cache, plugins,
+                                            implicit_cache)
+        if found and batch is not None:
+            raise ConfigError("give the engine's shapes with either --shapes or --batch, not both")
+        engine_path = output or model.with_suffix(".engine")
+        if batch is not None:
+            found = (prof.batch_profile(_inputs_only(model), batch),)
+        elif not found and prof.manifest_path(model).is_file():
+            found = tuple(prof.read_manifest(prof.manifest_path(model)).profiles)
+        sidecar = build_engine(model, engine_path, list(found), opts.opt_level, opts.workspace_mb, opts.timing_cache,
+                               opts.plugins, opts.implicit_cache)
+        layers = sidecar["layers"]
+        click.echo(f"wrote {engine_path} ({sidecar['build_seconds']:.1f} s; {layers['int8']} of {layers['count']} "
+                   f"layers run INT8; TensorRT {sidecar['tensorrt_version']}) and {engine_path}.json")
+
+    def _inputs_only(path):
+        if not path.is_file():
+            raise ConfigError(f"model {path}: file not found")
+        return onnx.load(str(path), load_external_data=False)
+
+    _run(ctx, go)
+
+
+@main.command("run")
+@click.argument("engine", type=_PATH)
+@click.option("--inputs", type=_PATH, required=True, help=".npz with one array per engine input.")
+@click.option("-o", "--output", type=_PATH, help="Write the outputs to this .npz.")
+@click.option("--plugins", multiple=True, type=_PATH, help="Plugin library or module to load (repeatable).")
+@click.pass_context
+def run_cmd(ctx, engine, inputs, output, plugins):
+    """Run ENGINE once on the inputs; print each output's shape and range, optionally save them."""
+    import numpy as np
+
+    from trtglm.engine.build import env_plugins
+    from trtglm.engine.runtime import EngineSession, read_inputs
+    from trtglm.onnx_io import atomic_path
+
+    def go():
+        feeds = read_inputs(inputs)
+        with EngineSession(engine, tuple(plugins) + env_plugins()) as session:
+            outputs = session.infer(feeds)
+        for name, array in outputs.items():
+            finite = array[np.isfinite(array)] if np.issubdtype(array.dtype, np.floating) else array
+            span = f"min {finite.min():.6g} max {finite.max():.6g}" if finite.size else "empty"
+            click.echo(f"{name}: {array.dtype} {'x'.join(map(str, array.shape))} {span}")
+        if output is not None:
+            with atomic_path(output) as tmp:
+                with open(tmp, "wb") as f:
+                    np.savez(f, **outputs)
+            click.echo(f"wrote {output}")
+
+    _run(ctx, go)
+
+
+@main.command("bench")
+@click.argument("engine", type=_PATH)
+@click.option("--batch", "batches", default="1,8,32", show_default=True, help="Batch sizes, comma-separated.")
+@click.option("--warmup", default=20, show_default=True, help="Untimed launches per batch size.")
+@click.option("--iterations", default=200, show_default=True, help="Timed launches per batch size.")
+@click.option("--plugins", multiple=True, type=_PATH, help="Plugin library or module to load (repeatable).")
+@click.option("--json", "json_path", type=_PATH, help="Where to save the results (default: ENGINE.bench.json).")
+@click.pass_context
+def bench_cmd(ctx, engine, batches, warmup, iterations, plugins, json_path):
+    """Per batch size: median and P99 latency of one launch (CUDA events) and throughput; a table and JSON."""
+    import json
+
+    from rich.console import Console
+    from rich.table import Table
+
+    from trtglm.engine.build import env_plugins
+    from trtglm.engine.runtime import EngineSession, bench_shapes, latency_stats, synthetic_feeds
+    from trtglm.onnx_io import atomic_path
+
+    def go():
+        sizes = _batch_sizes(batches)
+        if warmup < 0 or iterations < 1:
+            raise ConfigError("--warmup must be >= 0 and --iterations >= 1")
+        rows = []
+        with EngineSession(engine, tuple(plugins) + env_plugins()) as session:
+            for batch in sizes:
+                profile, shapes = bench_shapes(session.ranges, batch, f"engine {engine}") if session.ranges else \
+                    (0, dict(session.static))
+                shapes = {**session.static, **shapes}
+                feeds = synthetic_feeds(shapes, session.dtypes)
+                row = latency_stats(session.time(feeds, warmup, iterations), batch)
+                rows.append({**row, "profile": profile, "shapes": {n: list(s) for n, s in sorted(shapes.items())}})
+            sidecar = session.sidecar
+        table = Table(title=f"{engine.name}: GPU time per launch (CUDA events), {iterations} iterations")
+        for col in ("batch", "profile", "median ms", "P99 ms", "mean ms", "samples/s"):
+            table.add_column(col, justify="right")
+        for r in rows:
+            table.add_row(str(r["batch"]), str(r["profile"]), f"{r['median_ms']:.3f}", f"{r['p99_ms']:.3f}",
+                          f"{r['mean_ms']:.3f}", f"{r['throughput']:.0f}")
+        Console(highlight=False).print(table)
+        target = json_path or engine.with_name(engine.name + ".bench.json")
+        result = {"engine": str(engine), "tensorrt_version": sidecar.get("tensorrt_version"),
+                  "gpu": sidecar.get("gpu"), "warmup": warmup, "rows": rows}
+        with atomic_path(target) as tmp:
+            tmp.write_text(json.dumps(result, indent=2) + "\n")
+        click.echo(f"wrote {target}")
+
+    _run(ctx, go)
+
+
+@main.command("compare")
+@click.argument("candidate", type=_PATH)
+@click.argument("reference", type=_PATH)
+@click.option("--inputs", type=_PATH, required=True, help=".npz of one batch, or a data directory (as --calib).")
+@click.option("--max-samples", default=32, show_default=True, help="Data directory: samples compared.")
+@click.option("--batch-size", default=8, show_default=True, help="Data directory: samples per run.")
+@click.option("--atol", default=0.05, show_default=True, help="Polygraphy's absolute tolerance.")
+@click.option("--rtol", default=0.05, show_default=True, help="Polygraphy's relative tolerance.")
+@click.option("--error-stat", default="mean", show_default=True,
+              type=click.Choice(["elemwise", "max", "mean", "median"]), help="Polygraphy's check_error_stat.")
+@click.option("--per-layer", is_flag=True, help="Compare every intermediate tensor; find where they part.")
+@click.option("--runner", default="auto", show_default=True, type=click.Choice(["auto", "tensorrt", "onnxruntime"]),
+              help="For an ONNX candidate: ONNX Runtime (auto), or TensorRT (built by Polygraphy).")
+@click.option("--plugins", multiple=True, type=_PATH, help="Plugin library or module to load (repeatable).")
+@click.option("--json", "json_path", type=_PATH, help="Save the comparison as JSON.")
+@click.pass_context
+def compare_cmd(ctx, candidate, reference, inputs, max_samples, batch_size, atol, rtol, error_stat, per_layer, runner,
+                plugins, json_path):
+    """CANDIDATE (engine or Q/DQ ONNX) against REFERENCE (FP32 ONNX, ONNX Runtime); exit 1 when an output fails."""
+    import json
+
+    from trtglm.engine.build import env_plugins
+    from trtglm.engine.compare import compare, print_result
+    from trtglm.onnx_io import atomic_path
+
+    def go():
+        feeds = _compare_feeds(reference, inputs, max_samples, batch_size)
+        result = compare(candidate, reference, feeds, atol, rtol, error_stat, per_layer, runner,
+                         tuple(plugins) + env_plugins())
+        print_result(result)
+        if json_path is not None:
+            with atomic_path(json_path) as tmp:
+                tmp.write_text(json.dumps(result.to_json(), indent=2) + "\n")
+        if not result.passed:
+            sys.exit(1)
+
+    _run(ctx, go)
+
+
+def _compare_feeds(reference: Path, inputs: Path, max_samples: int, batch_size: int) -> list:
+    import onnx
+
+    from trtglm.calib.data import input_specs, open_dataset
+    from trtglm.engine.runtime import read_inputs
+
+    if inputs.is_file():
+        return [read_inputs(inputs)]
+    if not reference.is_file():
+        raise ConfigError(f"reference {reference}: file not found")
+    data = open_dataset(inputs, input_specs(onnx.load(str(reference), load_external_data=False)), what="input")
+    return list(data.batches(range(min(len(data), max_samples)), batch_size))
+
+
+def _batch_sizes(text: str) -> tuple[int, ...]:
+    try:
+        sizes = tuple(int(b) for b in text.split(","))
+    except ValueError:
+        raise ConfigError(f"--batch {text!r}: give batch sizes like 1,8,32") from None
+    if not sizes or min(sizes) < 1:
+        raise ConfigError(f"--batch {text!r}: batch sizes must be >= 1")
+    return sizes
 
 
 def _vocab(model: Path) -> int:

@@ -41,6 +41,17 @@ class PrecisionPolicy:
 
 
 @dataclass(frozen=True)
+class EngineOptions:
+    """TensorRT builder settings (the engine stage); recorded in the trtexec command of every build."""
+
+    opt_level: int = 3  # builder optimization level 0..5
+    workspace_mb: int | None = None  # workspace memory pool limit; None: TensorRT's default (the GPU's memory)
+    timing_cache: Path | None = None  # read if present, written back after the build
+    plugins: tuple[Path, ...] = ()  # plugin libraries (.so) and Python plugin modules (.py)
+    implicit_cache: Path | None = None  # TensorRT 10 only, on request: implicit INT8 from this calibration cache
+
+
+@dataclass(frozen=True)
 class BuildConfig:
     model: Path
     out: Path | None = None  # output directory (default: <model stem>.trtglm/ beside the model)
@@ -71,7 +82,9 @@ class BuildConfig:
     check_tol: float | None = None  # max allowed drop in top-1 points (logits) or 1 - cosine otherwise
     batch_size: int = 32
     max_calib_samples: int | None = None
-    profiles: tuple[dict[str, ShapeProfile], ...] = field(default_factory=tuple)
+    profiles: tuple[dict[str, ShapeProfile], ...] = field(default_factory=tuple)  # --shapes (one per profile)
+    batch_profile: str | None = None  # --batch MIN:OPT:MAX: one profile over axis 0 of the dynamic inputs
+    engine: EngineOptions = field(default_factory=EngineOptions)
 
     def __post_init__(self):
         if self.calib_method not in CALIB_METHODS:
@@ -120,6 +133,10 @@ class BuildConfig:
             raise ConfigError("--int8 needs exactly one of --calib DIR, --calib-script FILE.py:fn, --calib-cache FILE")
         if self.preprocess is not None and self.calib is None:
             raise ConfigError("--preprocess applies to an image directory given with --calib")
+        if self.profiles and self.batch_profile is not None:
+            raise ConfigError("give the engine's shapes with either --shapes or --batch, not both")
+        if self.engine.implicit_cache is not None and self.backend == "onnxruntime":
+            raise ConfigError("--implicit-int8 is a TensorRT 10 engine build; drop --backend onnxruntime")
 
     @property
     def policy(self) -> PrecisionPolicy:

@@ -374,33 +374,48 @@ def _engine(cfg: BuildConfig, final: Artefacts, out: Artefacts, fp32: onnx.Model
     """Build the TensorRT engine when TensorRT and a GPU are here (--backend auto|tensorrt); either way record the
     trtexec and polygraphy command lines that build or cross-check it on a GPU node."""
     profiles = _engine_profiles(cfg, fp32, data)
-    engine_file = final.directory / "model.engine"
-    commands = {"trtexec": trtexec_command(final.qdq, engine_file, profiles),
-                "polygraphy": polygraphy_command(final.qdq, final.directory / "model.polygraphy.engine", profiles)}
+    opts, engine_file = cfg.engine, final.directory / "model.engine"
+    commands = {"trtexec": trtexec_command(final.qdq, engine_file, profiles, opts.opt_level, opts.workspace_mb,
+                                           opts.timing_cache, opts.plugins, opts.implicit_cache),
+                "polygraphy": polygraphy_command(final.qdq, final.directory / "model.polygraphy.engine", profiles,
+                                                 opts.plugins, opts.implicit_cache)}
     available, reason = tensorrt_status() if cfg.backend != "onnxruntime" else (False, "--backend onnxruntime")
     if not available:
         return {"built": False, "reason": f"{reason}; the ONNX was verified on the embedded ONNX Runtime backend",
                 "missing": reason, "profiles": _plain_profiles(profiles), **commands}
-    sidecar = build_engine(out.qdq, out.directory / "model.engine", profiles)
+    sidecar = build_engine(out.qdq, out.directory / "model.engine", profiles, opts.opt_level, opts.workspace_mb,
+                           opts.timing_cache, opts.plugins, opts.implicit_cache, recorded_as=(final.qdq, engine_file))
     return {"built": True, "path": str(engine_file), "sidecar": sidecar, **commands}
 
 
 def _engine_profiles(cfg: BuildConfig, fp32: onnx.ModelProto, data) -> list:
-    """The shape profiles of the model's manifest (trtglm export writes one beside it), else one profile from the
-    data: batch 1 to --batch-size, the data's other dims."""
-    manifest = profiles.manifest_path(cfg.model)
-    if manifest.is_file():
-        return profiles.read_manifest(manifest).profiles
-    dynamic = {name: dims for name, dims in profiles.model_inputs(fp32).items()
-               if dims is not None and any(not isinstance(d, int) for d in dims)}
-    if not dynamic or data is None:
+    """--shapes, else --batch, else the profiles of the model's manifest (trtglm export writes one beside it), else
+    one profile from the data: batch 1 to --batch-size, the data's other dims. Checked against the model."""
+    example = _example_shapes(data)
+    if cfg.profiles:
+        found = list(cfg.profiles)
+    elif cfg.batch_profile is not None:
+        found = [profiles.batch_profile(fp32, cfg.batch_profile, example)]
+    elif profiles.manifest_path(cfg.model).is_file():
+        return profiles.read_manifest(profiles.manifest_path(cfg.model)).profiles
+    elif example is None or not _dynamic(fp32):
         return []
-    sample = next(iter(data.batches(range(min(len(data), 1)), 1)))
-    found = {}
-    for name in dynamic:
-        shape = tuple(int(d) for d in np.asarray(sample[name]).shape)
-        found[name] = ShapeProfile((1, *shape[1:]), (cfg.batch_size, *shape[1:]), (cfg.batch_size, *shape[1:]))
-    return [found]
+    else:
+        found = [profiles.batch_profile(fp32, f"1:{cfg.batch_size}:{cfg.batch_size}", example)]
+    profiles.check_profiles(fp32, found)
+    return found
+
+
+def _example_shapes(data) -> dict[str, tuple[int, ...]] | None:
+    if data is None or not len(data):
+        return None
+    sample = next(iter(data.batches(range(1), 1)))
+    return {name: tuple(int(d) for d in np.asarray(array).shape) for name, array in sample.items()}
+
+
+def _dynamic(model: onnx.ModelProto) -> bool:
+    return any(dims is None or not all(isinstance(d, int) for d in dims)
+               for dims in profiles.model_inputs(model).values())
 
 
 def _plain_profiles(found: list) -> list:

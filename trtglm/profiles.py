@@ -125,6 +125,39 @@ def parse_shapes(text: str) -> dict[str, ShapeProfile]:
     return profile
 
 
+def batch_profile(model: onnx.ModelProto, spec: str, example: dict[str, tuple[int, ...]] | None = None
+                  ) -> dict[str, ShapeProfile]:
+    """One profile from `--batch MIN:OPT:MAX` (or `MIN:MAX`, opt in the middle): axis 0 of every dynamic input
+    spans it; its other dynamic axes take their size from `example` (a data sample), else it is an error asking
+    for --shapes."""
+    try:
+        parts = [int(v) for v in spec.split(":")]
+    except ValueError:
+        parts = []
+    if len(parts) not in (2, 3) or min(parts) < 1:
+        raise ConfigError(f"--batch {spec!r}: give MIN:OPT:MAX batch sizes (e.g. 1:8:32) or MIN:MAX")
+    if parts != sorted(parts):
+        raise ConfigError(f"--batch {spec!r}: need MIN <= OPT <= MAX")
+    lo, opt, hi = _range("--batch", parts[0], parts[1] if len(parts) == 3 else None, parts[-1])
+    profile = {}
+    for name, dims in model_inputs(model).items():
+        if dims is not None and all(isinstance(d, int) for d in dims):
+            continue
+        if not dims:
+            raise ConfigError(f"--batch: input '{name}' has no known rank; give its shapes with --shapes")
+        rest = []
+        for axis, d in enumerate(dims[1:], start=1):
+            if isinstance(d, int):
+                rest.append(d)
+            elif example is not None and name in example and len(example[name]) == len(dims):
+                rest.append(int(example[name][axis]))
+            else:
+                raise ConfigError(f"--batch: input '{name}' axis {axis} ({d or '?'}) is dynamic too; give its "
+                                  f"range with --shapes {name}:MIN/OPT/MAX")
+        profile[name] = ShapeProfile((lo, *rest), (opt, *rest), (hi, *rest))
+    return profile
+
+
 def check_profiles(model: onnx.ModelProto, profiles: list[dict[str, ShapeProfile]],
                    max_positions: int | None = None) -> None:
     """Raise a one-line ConfigError naming the input if a profile contradicts the model.

@@ -83,7 +83,7 @@ class Comparison:
         return {fig: self.outputs[name][fig][key] for fig in FIGURES if key in self.outputs[name].get(fig, {})}
 
 
-class _OrtRunner(OnnxrtRunner):
+class OrtRunner(OnnxrtRunner):
     """OnnxrtRunner for numpy feeds only: its own infer_impl probes every feed for a torch tensor, which
     imports torch (seconds and hundreds of MB) wherever torch is installed."""
 
@@ -116,9 +116,9 @@ def is_classifier_output(shape: tuple, name: str) -> bool:
 
 def compare_with_fp32(fp32: onnx.ModelProto, int8: onnx.ModelProto, batches: Iterable[dict[str, np.ndarray]],
                       labels: np.ndarray | None = None) -> Comparison:
-    runners = [_OrtRunner(runtime.session(fp32, optimize=True), name="fp32"),
-               _OrtRunner(runtime.session(int8, optimize=False), name="sim"),
-               _OrtRunner(runtime.session(int8, optimize=True), name="ort")]
+    runners = [OrtRunner(runtime.session(fp32, optimize=True), name="fp32"),
+               OrtRunner(runtime.session(int8, optimize=False), name="sim"),
+               OrtRunner(runtime.session(int8, optimize=True), name="ort")]
     accs: dict[tuple[str, str], _Acc] = {}
     fp32_correct: dict[str, int] = {}
     classify: dict[str, bool] = {}

@@ -174,6 +174,7 @@ class _Checker(ast.NodeVisitor):
         self.filename, self.surfaces, self.problems = filename, surfaces, problems
         self.active = list(surfaces)  # the versions on whose path the current code runs
         self.types: dict[str, str] = {}  # local name -> tensorrt class, in the current function
+        self.attrs: dict[str, str] = {}  # self.<name> -> tensorrt class, in the current class
         self.deprecated: list[tuple[str, str]] = []  # (version, name) used on that version's path, deprecated there
 
     def report(self, node: ast.AST, what: str, missing: list[Surface]) -> None:
@@ -190,6 +191,12 @@ class _Checker(ast.NodeVisitor):
         if (node.module or "").split(".")[0] == "tensorrt":
             self.problems.append(f"{self.filename}:{node.lineno}: `from tensorrt import ...` hides names from "
                                  f"the checker; use trt.Name")
+
+    def visit_ClassDef(self, node: ast.ClassDef) -> None:
+        outer = self.attrs
+        self.attrs = {}
+        self.generic_visit(node)
+        self.attrs = outer
 
     def visit_FunctionDef(self, node: ast.FunctionDef) -> None:
         outer = self.types
@@ -210,6 +217,11 @@ class _Checker(ast.NodeVisitor):
                     self.types[target.id] = cls
                 else:
                     self.types.pop(target.id, None)
+            elif isinstance(target, ast.Attribute) and isinstance(target.value, ast.Name) and target.value.id == "self":
+                if cls:
+                    self.attrs[target.attr] = cls
+                else:
+                    self.attrs.pop(target.attr, None)
 
     def visit_If(self, node: ast.If) -> None:
         self.branch(node, node.body, node.orelse)
@@ -292,6 +304,8 @@ class _Checker(ast.NodeVisitor):
         """The tensorrt class of an expression, where the sources and the surfaces tell it; else None."""
         if isinstance(node, ast.Name):
             return self.types.get(node.id)
+        if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == "self":
+            return self.attrs.get(node.attr)  # self.context = engine.create_execution_context() in __init__
         if isinstance(node, ast.Call):
             chain = _chain(node.func)
             if chain and len(chain) == 1:  # trt.Builder(...)
@@ -334,9 +348,10 @@ def test_engine_code_conforms_to_both_surfaces(surfaces):
 
 def test_engine_code_uses_no_deprecated_api_on_11(surfaces):
     """11.x path: nothing deprecated. 10.16 marks MemoryPoolType.WORKSPACE deprecated; it is still the pool
-    --memPoolSize=workspace sets, and STRONGLY_TYPED (deprecated on 11) is used on the 10.x path only."""
-    assert deprecated_uses(_engine_sources(), surfaces) == {"11.4.0.106": [],
-                                                            "10.16.1.11": ["trt.MemoryPoolType.WORKSPACE"]}
+    --memPoolSize=workspace sets, and STRONGLY_TYPED (deprecated on 11) is used on the 10.x path only. The precision
+    flags INT8/FP16 (deprecated on 10.16, gone in 11) are used only by --implicit-int8, which asks for them."""
+    assert deprecated_uses(_engine_sources(), surfaces) == {
+        "11.4.0.106": [], "10.16.1.11": ["trt.MemoryPoolType.WORKSPACE", "trt.BuilderFlag.INT8", "trt.BuilderFlag.FP16"]}
 
 
 def test_checker_sees_what_the_engine_code_uses(surfaces):
@@ -354,21 +369,32 @@ def test_checker_sees_what_the_engine_code_uses(surfaces):
         Spy(name, surfaces, []).visit(ast.parse(text))
     for used in ("Builder.create_network", "OnnxParser.parse_from_file", "ParserError.node_name",
                  "IBuilderConfig.set_memory_pool_limit", "IOptimizationProfile.set_shape",
-                 "ICudaEngine.get_tensor_dtype", "ITimingCache.serialize", "INetworkDefinition.get_input"):
+                 "ICudaEngine.get_tensor_dtype", "ITimingCache.serialize", "INetworkDefinition.get_input",
+                 "IExecutionContext.execute_async_v3", "IExecutionContext.set_input_shape",
+                 "IExecutionContext.set_optimization_profile_async", "IExecutionContext.set_tensor_address",
+                 "ICudaEngine.get_tensor_profile_shape", "IPluginRegistry.load_library", "IBuilderConfig.set_flag"):
         assert used in seen
 
 
-@pytest.mark.parametrize("before, after", [
-    ("config.builder_optimization_level = opt_level", "config.builder_optimisation_level = opt_level"),
-    ("config.set_timing_cache(cache, False)", "config.set_timing_cache(cache)"),
-    ("error.node_name()", "error.name()"),
-    ("engine.get_tensor_shape(name)", "engine.get_binding_shape(name)"),  # removed in TensorRT 10
-    ("trt.MemoryPoolType.WORKSPACE", "trt.MemoryPoolType.WORKSPACE_SIZE"),
+@pytest.mark.parametrize("source, before, after", [
+    ("build.py", "config.builder_optimization_level = opt_level", "config.builder_optimisation_level = opt_level"),
+    ("build.py", "config.set_timing_cache(cache, False)", "config.set_timing_cache(cache)"),
+    ("build.py", "error.node_name()", "error.name()"),
+    ("build.py", "engine.get_tensor_shape(name)", "engine.get_binding_shape(name)"),  # removed in TensorRT 10
+    ("build.py", "trt.MemoryPoolType.WORKSPACE", "trt.MemoryPoolType.WORKSPACE_SIZE"),
+    ("build.py", "registry.load_library(str(path))", "registry.load_plugin_library(str(path))"),
+    # the 10.x-only implicit INT8 path: an 11.x-only name there, or the 10.x names outside the hasattr guard
+    ("build.py", "config.int8_calibrator = CacheCalibrator()", "config.int8_calibrator = CacheCalibrator()\n"
+                                                               "        trt.CausalMaskKind"),
+    ("build.py", "    if hasattr(trt, \"IInt8EntropyCalibrator2\"):", "    if True:"),
+    ("runtime.py", "self.context.execute_async_v3(int(self.stream))", "self.context.execute_async_v2(int(self.stream))"),
+    ("runtime.py", "self.context.set_input_shape(name, shapes[name])", "self.context.set_binding_shape(0, shapes[name])"),
+    ("runtime.py", "engine.get_tensor_profile_shape(n, k)", "engine.get_profile_shape(k, n)"),  # removed in 10
 ])
-def test_checker_catches_mistakes_in_the_real_engine_code(surfaces, before, after):
-    text = (ROOT / "trtglm" / "engine" / "build.py").read_text()
+def test_checker_catches_mistakes_in_the_real_engine_code(surfaces, source, before, after):
+    text = (ROOT / "trtglm" / "engine" / source).read_text()
     assert before in text
-    assert conformance_problems({"build.py": text.replace(before, after, 1)}, surfaces)
+    assert conformance_problems({source: text.replace(before, after, 1)}, surfaces)
 
 
 MADE_UP = '''

@@ -19,6 +19,7 @@ import ctypes
 import importlib.util
 import json
 import logging
+import os
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -57,16 +58,24 @@ def tensorrt_status() -> tuple[bool, str]:
 
 
 def build_engine(onnx_path: Path, engine_path: Path, profiles: list[dict[str, ShapeProfile]], opt_level: int = 3,
-                 workspace_mb: int | None = None, timing_cache: Path | None = None) -> dict:
+                 workspace_mb: int | None = None, timing_cache: Path | None = None, plugins: tuple[Path, ...] = (),
+                 implicit_cache: Path | None = None, recorded_as: tuple[Path, Path] | None = None) -> dict:
     """Build `engine_path` (and `<engine_path>.json`, the returned sidecar) from `onnx_path`.
 
     profiles: one dict per optimization profile, input name -> ShapeProfile (profiles.read_manifest gives them).
     timing_cache: read when the file exists (a cache from another GPU or TensorRT version is replaced), and written
-    back with what this build measured. Nothing is written unless the build succeeds; every file is written
-    atomically. Raises ConfigError/ModelError before TensorRT is touched, TrtglmError when TensorRT is missing or
-    fails, each with one line.
+    back with what this build measured. plugins: plugin libraries (.so) and Python plugin modules (.py) to load
+    before parsing. implicit_cache: TensorRT 10 only, on request: a float ONNX built with implicit INT8 from an
+    existing calibration cache (a weakly typed network); TensorRT 11 has no implicit INT8 and refuses it.
+    recorded_as: the (ONNX, engine) paths the sidecar and commands name, when the build writes to a staging
+    directory that is renamed afterwards. Nothing is written unless the build succeeds; every file is written atomically. Raises ConfigError/ModelError
+    before TensorRT is touched, TrtglmError when TensorRT is missing or fails, each with one line.
     """
     onnx_path, engine_path = Path(onnx_path), Path(engine_path)
+    plugins = tuple(Path(p) for p in plugins)
+    for path in plugins + ((Path(implicit_cache),) if implicit_cache is not None else ()):
+        if not path.is_file():
+            raise ConfigError(f"{'plugin' if path in plugins else 'calibration cache'} {path}: file not found")
     if not 0 <= opt_level <= MAX_OPT_LEVEL:
         raise ConfigError(f"builder optimization level {opt_level}: give 0..{MAX_OPT_LEVEL} (3 is TensorRT's default)")
     if workspace_mb is not None and workspace_mb < 1:
@@ -94,8 +103,16 @@ def build_engine(onnx_path: Path, engine_path: Path, profiles: list[dict[str, Sh
         builder = trt.Builder(logger)
     except (TypeError, RuntimeError) as e:
         raise TrtglmError(f"TensorRT could not create a builder ({_last(logger.errors, e)})") from e
-    network, _parser = _parse(trt, builder, logger, onnx_path)  # the parser owns the weights: keep it alive
+    load_plugins(builder.get_plugin_registry(), plugins, logger)
+    implicit = implicit_cache is not None
+    if implicit and not hasattr(trt.BuilderFlag, "INT8"):
+        raise ConfigError(f"--implicit-int8: TensorRT {trt.__version__} has no implicit INT8 calibration (networks "
+                          f"are always strongly typed); build the Q/DQ ONNX from the cache instead: trtglm build "
+                          f"MODEL --calib-cache {implicit_cache}")
+    network, _parser = _parse(trt, builder, logger, onnx_path, strongly_typed=not implicit)  # parser owns weights
     config = builder.create_builder_config()
+    if implicit:
+        _implicit_int8(trt, config, Path(implicit_cache).read_bytes())
     config.builder_optimization_level = opt_level
     config.profiling_verbosity = trt.ProfilingVerbosity.DETAILED  # per-layer precisions for the inspector
     if workspace_mb is not None:
@@ -116,17 +133,21 @@ def build_engine(onnx_path: Path, engine_path: Path, profiles: list[dict[str, Sh
     if engine is None:
         raise TrtglmError(f"TensorRT built {engine_path.name} but cannot load it back ({_last(logger.errors)})")
     layers = _layers(trt, engine)
+    shown_onnx, shown_engine = recorded_as or (onnx_path, engine_path)
     sidecar = {
-        "format": FORMAT, "tensorrt_version": trt.__version__,
-        "onnx": str(onnx_path), "onnx_sha256": file_sha256(onnx_path),
+        "format": FORMAT, "tensorrt_version": trt.__version__, "gpu": gpu_info(),
+        "onnx": str(shown_onnx), "onnx_sha256": file_sha256(onnx_path),
         "profiles": [{name: {"min": list(p.min), "opt": list(p.opt), "max": list(p.max)} for name, p in shapes.items()}
                      for shapes in profiles],
         "opt_level": opt_level, "workspace_mb": workspace_mb,
         "timing_cache": None if timing_cache is None else str(timing_cache),
+        "plugins": [str(p) for p in plugins], "typing": "implicit-int8" if implicit else "strong",
         "io": _io(engine), "layers": _layer_summary(layers), "build_seconds": round(time.perf_counter() - start, 3),
         "commands": {
-            "trtexec": trtexec_command(onnx_path, engine_path, profiles, opt_level, workspace_mb, timing_cache),
-            "polygraphy": polygraphy_command(onnx_path, engine_path.with_suffix(".polygraphy.engine"), profiles)},
+            "trtexec": trtexec_command(shown_onnx, shown_engine, profiles, opt_level, workspace_mb, timing_cache,
+                                       plugins, implicit_cache),
+            "polygraphy": polygraphy_command(shown_onnx, shown_engine.with_suffix(".polygraphy.engine"), profiles,
+                                             plugins, implicit_cache)},
     }
     with atomic_path(engine_path) as tmp:
         tmp.write_bytes(serialized)
@@ -143,6 +164,15 @@ def build_engine(onnx_path: Path, engine_path: Path, profiles: list[dict[str, Sh
 def sidecar_path(engine_path: Path) -> Path:
     """model.engine -> model.engine.json beside it."""
     return Path(engine_path).with_name(Path(engine_path).name + ".json")
+
+
+def read_sidecar(engine_path: Path) -> dict:
+    """The sidecar of an engine; {} for an engine built by trtexec or another tool (the engine itself suffices)."""
+    path = sidecar_path(engine_path)
+    try:
+        return json.loads(path.read_text()) if path.is_file() else {}
+    except (OSError, ValueError):
+        return {}
 
 
 def layers_path(engine_path: Path) -> Path:
@@ -163,9 +193,81 @@ def _layer_summary(layers: list) -> dict:
     return {"count": len(layers), "int8": sum("int8" in json.dumps(layer).lower() for layer in layers)}
 
 
-def _parse(trt, builder: trt.Builder, logger, onnx_path: Path) -> tuple:
+def env_plugins() -> tuple[Path, ...]:
+    """Plugin files named in $TRTGLM_PLUGINS (os.pathsep-separated) that exist: the Docker image points it at the
+    plugin library it built, and an image built without plugins simply has none there."""
+    return tuple(Path(p) for p in os.environ.get("TRTGLM_PLUGINS", "").split(os.pathsep) if p and Path(p).is_file())
+
+
+def load_plugins(registry: trt.IPluginRegistry, plugins: tuple[Path, ...], logger) -> None:
+    """NVIDIA's bundled plugins, then each plugin library (.so: IPluginV3 creators) or Python module (.py: plugins
+    registered with tensorrt.plugin's decorators when imported)."""
+    import tensorrt as trt
+
+    trt.init_libnvinfer_plugins(logger, "")
+    for path in plugins:
+        if path.suffix == ".py":
+            _import_module(path)
+        elif registry.load_library(str(path)) is None:
+            raise TrtglmError(f"plugin {path}: TensorRT could not load it ({_last(logger.errors)})")
+
+
+def _import_module(path: Path) -> None:
+    spec = importlib.util.spec_from_file_location(f"trtglm_plugin_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    try:
+        spec.loader.exec_module(module)
+    except Exception as e:  # a user's module: any error it raises is reported as one line
+        raise TrtglmError(f"plugin module {path}: importing it failed ({type(e).__name__}: {e})") from e
+
+
+def _implicit_int8(trt, config: trt.IBuilderConfig, cache: bytes) -> None:
+    """TensorRT 10: INT8 (and FP16 for what has no scale) chosen by TensorRT from the cache's per-tensor scales."""
+    if hasattr(trt, "IInt8EntropyCalibrator2"):
+        class CacheCalibrator(trt.IInt8EntropyCalibrator2):
+            """Reads an existing cache; never asks for data (get_batch None), never writes."""
+
+            def __init__(self):
+                trt.IInt8EntropyCalibrator2.__init__(self)
+
+            def get_batch_size(self):
+                return 1
+
+            def get_batch(self, names):
+                return None
+
+            def read_calibration_cache(self):
+                return cache
+
+            def write_calibration_cache(self, data):
+                return None
+
+        config.set_flag(trt.BuilderFlag.INT8)
+        config.set_flag(trt.BuilderFlag.FP16)
+        config.int8_calibrator = CacheCalibrator()
+
+
+def gpu_info() -> dict | None:
+    """Name and compute capability of the current CUDA device (the one TensorRT builds for), from the driver."""
+    try:
+        cuda = ctypes.CDLL("libcuda.so.1")
+    except OSError:
+        return None
+    device, major, minor = ctypes.c_int(0), ctypes.c_int(0), ctypes.c_int(0)
+    name = ctypes.create_string_buffer(256)
+    if cuda.cuInit(0) != 0:
+        return None
+    if cuda.cuCtxGetDevice(ctypes.byref(device)) != 0 and cuda.cuDeviceGet(ctypes.byref(device), 0) != 0:
+        return None  # no current context: device 0 of CUDA_VISIBLE_DEVICES, the one TensorRT uses by default
+    cuda.cuDeviceGetName(name, len(name), device)
+    cuda.cuDeviceGetAttribute(ctypes.byref(major), 75, device)  # CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR
+    cuda.cuDeviceGetAttribute(ctypes.byref(minor), 76, device)  # ..._MINOR
+    return {"name": name.value.decode(errors="replace"), "compute_capability": f"{major.value}.{minor.value}"}
+
+
+def _parse(trt, builder: trt.Builder, logger, onnx_path: Path, strongly_typed: bool = True) -> tuple:
     """(network, parser) from the ONNX file; every parser error is reported with its node, on one line."""
-    network = builder.create_network(_network_flags(trt))
+    network = builder.create_network(_network_flags(trt, strongly_typed))
     parser = trt.OnnxParser(network, logger)
     if not parser.parse_from_file(str(onnx_path)):
         problems = []
@@ -207,10 +309,11 @@ def _tensorrt():
     return trt
 
 
-def _network_flags(trt) -> int:
-    """Creation flags: STRONGLY_TYPED on 10.x, which still has weak typing (its precision builder flags)."""
+def _network_flags(trt, strongly_typed: bool = True) -> int:
+    """Creation flags: STRONGLY_TYPED on 10.x, which still has weak typing (its precision builder flags), unless
+    implicit INT8 was asked for."""
     if hasattr(trt.BuilderFlag, "INT8"):
-        return 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
+        return 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED) if strongly_typed else 0
     return 0  # 11.x: every network is strongly typed, the flag is deprecated and ignored
 
 

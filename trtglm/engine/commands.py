@@ -7,7 +7,9 @@ specs joined by commas, --profile=N before each profile's shapes when there are 
 --builderOptimizationLevel, --memPoolSize=workspace:<size>M, --timingCacheFile, --stronglyTyped) and Polygraphy's
 argument groups (tools/Polygraphy/polygraphy/tools/args/backend/trt/config.py and loader.py: --trt-min-shapes,
 --trt-opt-shapes, --trt-max-shapes given once per profile with `name:[D0,D1]` values, --strongly-typed,
---save-engine). --stronglyTyped / --strongly-typed match the strongly typed network trtglm builds: required on
+--save-engine). Plugin libraries: trtexec --staticPlugins (its --plugins is deprecated), polygraphy --plugins. A
+TensorRT 10 implicit-INT8 build from a calibration cache: trtexec --int8 --fp16 --calib=FILE, polygraphy --int8
+--fp16 --calibration-cache FILE, both without strong typing. --stronglyTyped / --strongly-typed match the strongly typed network trtglm builds: required on
 TensorRT 10, a no-op on 11 where strong typing is always on (TensorRT 11.x trtexec migration guide).
 The output is deterministic: profile and input order as given, paths as given.
 """
@@ -23,9 +25,12 @@ _WHICH = ("min", "opt", "max")
 
 
 def trtexec_command(onnx: Path, engine: Path, profiles: list[dict[str, ShapeProfile]], opt_level: int = 3,
-                    workspace_mb: int | None = None, timing_cache: Path | None = None) -> str:
+                    workspace_mb: int | None = None, timing_cache: Path | None = None, plugins: tuple = (),
+                    implicit_cache: Path | None = None) -> str:
     """`trtexec --onnx=... --saveEngine=...` building the same engine (shell-quoted, one line)."""
-    args = ["trtexec", f"--onnx={onnx}", f"--saveEngine={engine}", "--stronglyTyped"]
+    args = ["trtexec", f"--onnx={onnx}", f"--saveEngine={engine}"]
+    args += ["--int8", "--fp16", f"--calib={implicit_cache}"] if implicit_cache is not None else ["--stronglyTyped"]
+    args += [f"--staticPlugins={p}" for p in plugins]
     for k, profile in enumerate(profiles):
         if len(profiles) > 1:
             args.append(f"--profile={k}")
@@ -40,10 +45,15 @@ def trtexec_command(onnx: Path, engine: Path, profiles: list[dict[str, ShapeProf
     return shlex.join(args)
 
 
-def polygraphy_command(onnx: Path, engine: Path, profiles: list[dict[str, ShapeProfile]]) -> str:
+def polygraphy_command(onnx: Path, engine: Path, profiles: list[dict[str, ShapeProfile]], plugins: tuple = (),
+                       implicit_cache: Path | None = None) -> str:
     """`polygraphy run` building the engine with the same profiles, comparing TensorRT against ONNX Runtime on the
     same inputs, and saving the engine it built at `engine` (shell-quoted, one line)."""
-    args = ["polygraphy", "run", str(onnx), "--trt", "--onnxrt", "--strongly-typed"]
+    args = ["polygraphy", "run", str(onnx), "--trt", "--onnxrt"]
+    args += (["--int8", "--fp16", "--calibration-cache", str(implicit_cache)] if implicit_cache is not None
+             else ["--strongly-typed"])
+    if plugins:
+        args += ["--plugins", *(str(p) for p in plugins)]
     for profile in profiles:
         for which in _WHICH:
             args.append(f"--trt-{which}-shapes")
