@@ -576,3 +576,21 @@ def test_build_engine_rejects_a_missing_or_broken_model(tmp_path):
 
 def test_sidecar_path():
     assert sidecar_path(Path("out/model.engine")) == Path("out/model.engine.json")
+
+
+def test_write_engine_writes_every_file_atomically_and_the_sidecar_reads_back(tmp_path):
+    from trtglm.engine.build import read_sidecar, write_engine
+
+    sidecar = {"format": "trtglm.engine/1", "plugins": ["lib.so"], "layers": {"count": 2, "int8": 1}}
+    write_engine(tmp_path / "m.engine", b"plan", sidecar, [{"Name": "conv"}], (tmp_path / "t.cache", b"tc"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.engine", "m.engine.json", "m.engine.layers.json",
+                                                          "t.cache"]
+    assert (tmp_path / "m.engine").read_bytes() == b"plan" and (tmp_path / "t.cache").read_bytes() == b"tc"
+    assert read_sidecar(tmp_path / "m.engine") == sidecar
+    assert read_sidecar(tmp_path / "other.engine") == {}  # built by trtexec: no sidecar, nothing assumed
+    (tmp_path / "bad.engine.json").write_text("{not json")
+    assert read_sidecar(tmp_path / "bad.engine") == {}
+    before = sorted(tmp_path.iterdir())
+    with pytest.raises(TypeError):  # a sidecar that cannot be serialized: nothing written at all
+        write_engine(tmp_path / "n.engine", b"plan", {"x": object()}, [])
+    assert sorted(tmp_path.iterdir()) == before

@@ -149,16 +149,25 @@ def build_engine(onnx_path: Path, engine_path: Path, profiles: list[dict[str, Sh
             "polygraphy": polygraphy_command(shown_onnx, shown_engine.with_suffix(".polygraphy.engine"), profiles,
                                              plugins, implicit_cache)},
     }
+    timing = (Path(timing_cache), bytes(config.get_timing_cache().serialize())) if timing_cache is not None else None
+    write_engine(engine_path, bytes(serialized), sidecar, layers, timing)
+    return sidecar
+
+
+def write_engine(engine_path: Path, serialized: bytes, sidecar: dict, layers: list,
+                 timing: tuple[Path, bytes] | None = None) -> None:
+    """The engine, its layer records, the timing cache and, last, the sidecar, each written atomically: a reader
+    that finds the sidecar finds a complete engine beside it. The JSON is made first: it cannot fail half-way."""
+    layers_text, sidecar_text = json.dumps(layers, indent=1) + "\n", json.dumps(sidecar, indent=2) + "\n"
     with atomic_path(engine_path) as tmp:
         tmp.write_bytes(serialized)
-    if timing_cache is not None:
-        with atomic_path(Path(timing_cache)) as tmp:
-            tmp.write_bytes(config.get_timing_cache().serialize())
+    if timing is not None:
+        with atomic_path(timing[0]) as tmp:
+            tmp.write_bytes(timing[1])
     with atomic_path(layers_path(engine_path)) as tmp:
-        tmp.write_text(json.dumps(layers, indent=1) + "\n")
+        tmp.write_text(layers_text)
     with atomic_path(sidecar_path(engine_path)) as tmp:
-        tmp.write_text(json.dumps(sidecar, indent=2) + "\n")
-    return sidecar
+        tmp.write_text(sidecar_text)
 
 
 def sidecar_path(engine_path: Path) -> Path:
