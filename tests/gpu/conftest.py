@@ -1,14 +1,41 @@
-"""Engine tests that need TensorRT and an NVIDIA GPU: skipped, with what is missing as the reason, elsewhere."""
+"""Tests that need a GPU, skipped with what is missing as the reason elsewhere.
+
+Markers (set per module with `pytestmark`): `tensorrt` needs TensorRT and a GPU (engine build/run/compare);
+`cuda` needs a CUDA GPU and cupy (the plugin kernels, launched from their PTX without TensorRT).
+"""
+
+import functools
 
 import pytest
 
 from trtglm.engine import tensorrt_status
 
 
+@functools.lru_cache(maxsize=1)
+def cuda_status() -> tuple[bool, str]:
+    try:
+        import cupy
+    except ImportError:
+        return False, "cupy is not installed (pip install cupy-cuda12x or cupy-cuda13x)"
+    try:
+        count = cupy.cuda.runtime.getDeviceCount()
+    except Exception as e:  # cupy raises its own CUDARuntimeError without a driver
+        return False, f"no CUDA GPU ({type(e).__name__}: {e})"
+    return (True, "") if count else (False, "no CUDA GPU")
+
+
 def pytest_collection_modifyitems(config, items):
-    available, reason = tensorrt_status()
     for item in items:
-        if "tests/gpu/" in item.nodeid.replace("\\", "/"):
-            item.add_marker(pytest.mark.gpu)
+        if "tests/gpu/" not in item.nodeid.replace("\\", "/"):
+            continue
+        item.add_marker(pytest.mark.gpu)
+        if item.get_closest_marker("tensorrt"):
+            available, reason = tensorrt_status()
             if not available:
                 item.add_marker(pytest.mark.skip(reason=f"needs TensorRT and a GPU: {reason}"))
+        elif item.get_closest_marker("cuda"):
+            available, reason = cuda_status()
+            if not available:
+                item.add_marker(pytest.mark.skip(reason=f"needs a CUDA GPU and cupy: {reason}"))
+        else:
+            item.add_marker(pytest.mark.skip(reason="tests/gpu: mark the module `tensorrt` or `cuda`"))

@@ -16,6 +16,8 @@ from tests import models
 from trtglm.cli import main
 from trtglm.verify import sample_cosines
 
+pytestmark = pytest.mark.tensorrt
+
 
 @pytest.fixture(scope="module")
 def built(tmp_path_factory):
