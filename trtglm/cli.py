@@ -442,6 +442,36 @@ def compare_cmd(ctx, candidate, reference, inputs, max_samples, batch_size, atol
     _run(ctx, go)
 
 
+@main.command("plugins")
+@click.pass_context
+def plugins_cmd(ctx):
+    """List trtglm's TensorRT plugins: inputs, outputs, attributes, types, formats, and where they can come from."""
+    from trtglm.engine.build import env_plugins
+    from trtglm.plugins import CATALOG, VERSION
+
+    def go():
+        for s in CATALOG:
+            click.echo(f"{s.name}  ({s.plugin_id}, version {VERSION}; kernels plugins/{s.kernel}/)")
+            click.echo(f"  {s.summary}")
+            click.echo(f"  inputs:     {', '.join(s.inputs)}")
+            click.echo(f"  outputs:    {', '.join(s.outputs)}")
+            for i, a in enumerate(s.attributes):
+                click.echo(f"  {'attributes:' if i == 0 else '           '} {a.name} ({a.type}, default {a.default}): "
+                           f"{a.doc}")
+            click.echo(f"  types:      {', '.join(s.dtypes)}; formats: {s.formats}; {s.limits}\n")
+        libraries = env_plugins()
+        click.echo("plugin library: " + (", ".join(map(str, libraries)) if libraries else
+                                         "none in $TRTGLM_PLUGINS (build it: see plugins/README.md)"))
+        try:
+            from trtglm.plugins.ptx import nvcc
+
+            click.echo(f"ahead-of-time kernels: PTX compiled by {nvcc()}")
+        except TrtglmError as e:
+            click.echo(f"ahead-of-time kernels: unavailable: {e}")
+
+    _run(ctx, go)
+
+
 def _compare_feeds(reference: Path, inputs: Path, max_samples: int, batch_size: int) -> list:
     import onnx
 
