@@ -60,7 +60,7 @@ def test_plugins_command_lists_every_plugin():
 @pytest.mark.skipif(not (HEADERS and Path(HEADERS, "NvInferRuntime.h").is_file()),
                     reason="TRTGLM_TENSORRT_INCLUDE does not name a directory with TensorRT's NvInferRuntime.h")
 @pytest.mark.skipif(shutil.which("cmake") is None, reason="cmake not found")
-def test_plugin_library_builds_and_exports_only_its_two_entry_points(tmp_path):
+def test_plugin_library_builds_exports_two_entry_points_and_drives_like_tensorrt(tmp_path):
     build = tmp_path / "build"
     subprocess.run(["cmake", "-S", str(PLUGINS), "-B", str(build), f"-DTRTGLM_TENSORRT_INCLUDE={HEADERS}",
                     "-DCMAKE_BUILD_TYPE=Release", "-DCMAKE_CUDA_ARCHITECTURES=80"], check=True, capture_output=True)
@@ -72,3 +72,10 @@ def test_plugin_library_builds_and_exports_only_its_two_entry_points(tmp_path):
     assert exported == ["getCreators", "setLoggerFinder"]
     needed = subprocess.run(["readelf", "-d", str(library)], capture_output=True, text=True).stdout
     assert "libnvinfer" not in needed
+    # the registry's and builder's view of the plugins (no TensorRT, no GPU): tests/cpp/plugin_driver.cpp
+    driver = tmp_path / "driver"
+    subprocess.run(["g++", "-std=c++17", "-Wall", "-Wextra", "-Werror", "-isystem", HEADERS, "-isystem",
+                    "/usr/local/cuda/include", str(PLUGINS.parent / "tests" / "cpp" / "plugin_driver.cpp"), "-ldl",
+                    "-o", str(driver)], check=True)
+    result = subprocess.run([str(driver), str(library)], capture_output=True, text=True)
+    assert result.returncode == 0 and result.stdout.rstrip().endswith("all checks passed"), result.stdout
