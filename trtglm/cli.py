@@ -23,7 +23,8 @@ def _engine_options(fn):
         click.option("--workspace", type=int, help="TensorRT workspace memory pool limit in MiB."),
         click.option("--timing-cache", type=_PATH, help="TensorRT timing cache: read if present, updated after."),
         click.option("--plugins", multiple=True, type=_PATH,
-                     help="Plugin library .so or Python plugin module .py to load (repeatable; also $TRTGLM_PLUGINS)."),
+                     help="Plugin library .so, Python plugin module .py, or `aot` (trtglm's ops as AOT plugins); repeatable; "
+                          "also $TRTGLM_PLUGINS."),
         click.option("--implicit-int8", "implicit_cache", type=_PATH,
                      help="TensorRT 10 only: implicit INT8 from this calibration cache (TensorRT 11 has none)."),
     ]

@@ -133,6 +133,7 @@ def test_engine_session_without_tensorrt(tmp_path):
     (["engine", "{onnx}", "--batch", "8:1"], ["--batch '8:1': need MIN <= OPT <= MAX"]),
     (["engine", "{onnx}", "--shapes", "input:1x3x8x8", "--batch", "1:8"], ["either --shapes or --batch"]),
     (["engine", "{onnx}", "--plugins", "{missing}"], ["plugin", "nope.so: file not found"]),
+    (["engine", "{onnx}", "--plugins", "aot", "--batch", "1:8"], ["not built", "tensorrt Python package"]),
     (["engine", "{onnx}", "--implicit-int8", "{missing}"], ["calibration cache", "nope.so: file not found"]),
     (["engine", "{onnx}", "--opt-level", "7"], ["builder optimization level 7"]),
 ])

@@ -38,6 +38,7 @@ if TYPE_CHECKING:
 
 FORMAT = "trtglm.engine/1"
 MAX_OPT_LEVEL = 5  # TensorRT's builder optimization levels are 0..5 (default 3)
+AOT_PLUGINS = "aot"  # --plugins aot: trtglm's ops as TensorRT ahead-of-time plugins (no library at run time)
 _log = logging.getLogger(__name__)
 
 
@@ -74,7 +75,7 @@ def build_engine(onnx_path: Path, engine_path: Path, profiles: list[dict[str, Sh
     onnx_path, engine_path = Path(onnx_path), Path(engine_path)
     plugins = tuple(Path(p) for p in plugins)
     for path in plugins + ((Path(implicit_cache),) if implicit_cache is not None else ()):
-        if not path.is_file():
+        if str(path) != AOT_PLUGINS and not path.is_file():
             raise ConfigError(f"{'plugin' if path in plugins else 'calibration cache'} {path}: file not found")
     if not 0 <= opt_level <= MAX_OPT_LEVEL:
         raise ConfigError(f"builder optimization level {opt_level}: give 0..{MAX_OPT_LEVEL} (3 is TensorRT's default)")
@@ -210,12 +211,15 @@ def env_plugins() -> tuple[Path, ...]:
 
 def load_plugins(registry: trt.IPluginRegistry, plugins: tuple[Path, ...], logger) -> None:
     """NVIDIA's bundled plugins, then each plugin library (.so: IPluginV3 creators) or Python module (.py: plugins
-    registered with tensorrt.plugin's decorators when imported)."""
+    registered with tensorrt.plugin's decorators when imported); `aot`: trtglm's own ops as ahead-of-time plugins
+    (trtglm.plugins.tensorrt_aot), embedded in the engine."""
     import tensorrt as trt
 
     trt.init_libnvinfer_plugins(logger, "")
     for path in plugins:
-        if path.suffix == ".py":
+        if str(path) == AOT_PLUGINS:
+            importlib.import_module("trtglm.plugins.tensorrt_aot")
+        elif path.suffix == ".py":
             _import_module(path)
         elif registry.load_library(str(path)) is None:
             raise TrtglmError(f"plugin {path}: TensorRT could not load it ({_last(logger.errors)})")
