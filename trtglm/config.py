@@ -84,6 +84,7 @@ class BuildConfig:
     max_calib_samples: int | None = None
     profiles: tuple[dict[str, ShapeProfile], ...] = field(default_factory=tuple)  # --shapes (one per profile)
     batch_profile: str | None = None  # --batch MIN:OPT:MAX: one profile over axis 0 of the dynamic inputs
+    plugin_ops: bool = False  # also write the model with trtglm's plugin ops (TensorRT only), checked via its fallback
     engine: EngineOptions = field(default_factory=EngineOptions)
 
     def __post_init__(self):

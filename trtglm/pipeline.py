@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import resource
 import time
+from collections import Counter
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -22,13 +23,15 @@ from trtglm.calib.rows import RowSample
 from trtglm.calib.text import open_text_dataset
 from trtglm import profiles
 from trtglm.config import BuildConfig, ShapeProfile
-from trtglm.engine.build import build_engine, tensorrt_status
+from trtglm.engine.build import AOT_PLUGINS, build_engine, tensorrt_status
 from trtglm.engine.commands import polygraphy_command, trtexec_command
 from trtglm.errors import ConfigError, ModelError, TrtglmError
 from trtglm.passes import DEFAULT_PIPELINE, PassContext, fusion_summary, run_passes
 from trtglm.passes.insert_qdq import QUANTIZED_OPS, QdqPlan, insert_qdq, plan_qdq
 from trtglm.passes.convert_fp16 import convert_fp16
 from trtglm.passes.kv_cache import cache_pairs, quantize_kv_cache
+from trtglm.passes.plugin_ops import DOMAIN as PLUGIN_DOMAIN
+from trtglm.passes.plugin_ops import from_plugin_ops, to_plugin_ops
 from trtglm.passes.smooth_quant import smooth_quant
 from trtglm.passes.weight_only import BLOCKED_DQ_OPSET, model_from_graph, weight_only
 
@@ -66,6 +69,11 @@ class Artefacts:
                 else "model.fp16.onnx" if cfg.fp16 else "model.fp32.opt.onnx")
         return Artefacts(d, d / name, d / "model.fp32.opt.onnx", d / "calib.cache",
                          d / "report.json", d / "report.md", d / "plots", d / "quant_config.json")
+
+    @property
+    def plugin_onnx(self) -> Path:
+        """--plugin-ops: the deployable model with trtglm's plugin ops (TensorRT only), beside the Q/DQ ONNX."""
+        return self.qdq.with_name(self.qdq.name.removesuffix(".onnx") + ".plugins.onnx")
 
     def staged(self, staging: Path) -> Artefacts:
         return Artefacts(staging, *(staging / p.name for p in (self.qdq, self.fp32, self.cache, self.report_json,
@@ -202,8 +210,14 @@ def build(cfg: BuildConfig, console=None) -> dict:
                 fp32_rel_err = verify.max_relative_error(original, fp32, feeds)
                 comparison = verify.compare_with_fp32(original, model, eval_set.batches(eval_idx, cfg.batch_size),
                                                       eval_set.labels(eval_idx))
+        plugins = None
+        if cfg.plugin_ops:
+            with timer.stage("plugin ops"):
+                check = next(iter(eval_set.batches(eval_idx[: cfg.batch_size], cfg.batch_size))) \
+                    if eval_set is not None and eval_idx else None
+                plugins = _plugin_ops(model, out.plugin_onnx, final.plugin_onnx, check)
         with timer.stage("engine"):
-            engine = _engine(cfg, final, out, fp32, calib_set if calib_set is not None else eval_set)
+            engine = _engine(cfg, final, out, fp32, calib_set if calib_set is not None else eval_set, plugins)
         rep = report.make(cfg=cfg, artefacts=final, pass_counts=pass_counts, fusions=fusions, pass_log=ctx.log,
                           plan=plan, scales=scales, stats=stats,
                           n_quantized=n_quantized, seven_bit_ops=seven_bit_ops, comparison=comparison,
@@ -370,22 +384,45 @@ def _used(scales: Scales, names: list[str]) -> Scales:
     return Scales({n: scales.amax[n] for n in keep}, {n: scales.method[n] for n in keep})
 
 
-def _engine(cfg: BuildConfig, final: Artefacts, out: Artefacts, fp32: onnx.ModelProto, data) -> dict:
+def _engine(cfg: BuildConfig, final: Artefacts, out: Artefacts, fp32: onnx.ModelProto, data,
+            plugin_ops: dict | None = None) -> dict:
     """Build the TensorRT engine when TensorRT and a GPU are here (--backend auto|tensorrt); either way record the
-    trtexec and polygraphy command lines that build or cross-check it on a GPU node."""
+    trtexec and polygraphy command lines that build or cross-check it on a GPU node. With --plugin-ops the engine
+    is built from the plugin graph, with the plugins given, else trtglm's AOT plugins (embedded in the engine)."""
     profiles = _engine_profiles(cfg, fp32, data)
     opts, engine_file = cfg.engine, final.directory / "model.engine"
-    commands = {"trtexec": trtexec_command(final.qdq, engine_file, profiles, opts.opt_level, opts.workspace_mb,
-                                           opts.timing_cache, opts.plugins, opts.implicit_cache),
-                "polygraphy": polygraphy_command(final.qdq, final.directory / "model.polygraphy.engine", profiles,
-                                                 opts.plugins, opts.implicit_cache)}
+    source, staged = (final.plugin_onnx, out.plugin_onnx) if plugin_ops else (final.qdq, out.qdq)
+    plugins = opts.plugins or ((Path(AOT_PLUGINS),) if plugin_ops else ())
+    commands = {"trtexec": trtexec_command(source, engine_file, profiles, opts.opt_level, opts.workspace_mb,
+                                           opts.timing_cache, plugins, opts.implicit_cache),
+                "polygraphy": polygraphy_command(source, final.directory / "model.polygraphy.engine", profiles,
+                                                 plugins, opts.implicit_cache)}
+    extra = {"plugin_ops": plugin_ops} if plugin_ops else {}
     available, reason = tensorrt_status() if cfg.backend != "onnxruntime" else (False, "--backend onnxruntime")
     if not available:
         return {"built": False, "reason": f"{reason}; the ONNX was verified on the embedded ONNX Runtime backend",
-                "missing": reason, "profiles": _plain_profiles(profiles), **commands}
-    sidecar = build_engine(out.qdq, out.directory / "model.engine", profiles, opts.opt_level, opts.workspace_mb,
-                           opts.timing_cache, opts.plugins, opts.implicit_cache, recorded_as=(final.qdq, engine_file))
-    return {"built": True, "path": str(engine_file), "sidecar": sidecar, **commands}
+                "missing": reason, "profiles": _plain_profiles(profiles), **commands, **extra}
+    sidecar = build_engine(staged, out.directory / "model.engine", profiles, opts.opt_level, opts.workspace_mb,
+                           opts.timing_cache, plugins, opts.implicit_cache, recorded_as=(source, engine_file))
+    return {"built": True, "path": str(engine_file), "sidecar": sidecar, **commands, **extra}
+
+
+def _plugin_ops(model: onnx.ModelProto, staged: Path, final: Path, feeds: dict | None) -> dict:
+    """The model with trtglm's plugin ops, written beside the Q/DQ ONNX, and checked on ONNX Runtime through its
+    ONNX-level fallback (each plugin op rewritten back to standard ops): the surgery must not change the outputs."""
+    opset = _opset(model)
+    graph = gs.import_onnx(model)
+    ctx = PassContext(opset=opset)
+    count = to_plugin_ops(graph, ctx)
+    plugin_model = gs.export_onnx(graph)
+    onnx_io.save_model(plugin_model, staged)
+    fallback_graph = gs.import_onnx(plugin_model)
+    from_plugin_ops(fallback_graph, PassContext(opset=opset))
+    fallback = gs.export_onnx(fallback_graph)
+    err = verify.max_relative_error(model, fallback, feeds) if feeds is not None else None
+    kinds = Counter(n.op_type for n in plugin_model.graph.node if n.domain == PLUGIN_DOMAIN)
+    return {"path": str(final), "ops": dict(sorted(kinds.items())), "rewrites": count,
+            "fallback_max_rel_err": err, "log": [line for line in ctx.log if line.startswith("plugin_ops")]}
 
 
 def _engine_profiles(cfg: BuildConfig, fp32: onnx.ModelProto, data) -> list:

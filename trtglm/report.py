@@ -160,6 +160,12 @@ def print_summary(rep: dict, con: Console) -> None:
         con.print("no evaluation data: accuracy not measured")
     eng = rep["engine"]
     con.print("TensorRT engine: " + ("built" if eng["built"] else f"not built: {escape(eng['reason'])}"))
+    if eng.get("plugin_ops"):
+        ops = eng["plugin_ops"]
+        err = ops["fallback_max_rel_err"]
+        con.print(f"plugin ops: {', '.join(f'{n} {k}' for k, n in ops['ops'].items()) or 'none matched'} in "
+                  f"{escape(ops['path'])}" + (f" (its ONNX fallback vs the Q/DQ model on ONNX Runtime: max rel err "
+                                              f"{err:.1e})" if err is not None else ""))
     con.print(f"CPU: {rep['cpu']['name']} (VNNI: {'yes' if rep['cpu']['vnni'] else 'no'}); "
               f"weights {rep['weights']}; peak memory {rep['peak_rss_mb']} MB")
     con.print(f"wrote {rep['artefacts']['qdq']} and the report in {rep['artefacts']['directory']}")

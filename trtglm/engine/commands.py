@@ -30,7 +30,7 @@ def trtexec_command(onnx: Path, engine: Path, profiles: list[dict[str, ShapeProf
     """`trtexec --onnx=... --saveEngine=...` building the same engine (shell-quoted, one line)."""
     args = ["trtexec", f"--onnx={onnx}", f"--saveEngine={engine}"]
     args += ["--int8", "--fp16", f"--calib={implicit_cache}"] if implicit_cache is not None else ["--stronglyTyped"]
-    args += [f"--staticPlugins={p}" for p in plugins]
+    args += [f"--staticPlugins={p}" for p in _tool_plugins(plugins)]
     for k, profile in enumerate(profiles):
         if len(profiles) > 1:
             args.append(f"--profile={k}")
@@ -53,13 +53,24 @@ def polygraphy_command(onnx: Path, engine: Path, profiles: list[dict[str, ShapeP
     args += (["--int8", "--fp16", "--calibration-cache", str(implicit_cache)] if implicit_cache is not None
              else ["--strongly-typed"])
     if plugins:
-        args += ["--plugins", *(str(p) for p in plugins)]
+        args += ["--plugins", *(str(p) for p in _tool_plugins(plugins))]
     for profile in profiles:
         for which in _WHICH:
             args.append(f"--trt-{which}-shapes")
             args += [f"{name}:[{','.join(str(d) for d in getattr(p, which))}]" for name, p in profile.items()]
     args += ["--save-engine", str(engine)]
     return shlex.join(args)
+
+
+def _tool_plugins(plugins: tuple) -> list[str]:
+    """NVIDIA's tools load plugin libraries, not Python modules: trtglm's AOT plugins (`aot`) become the plugin
+    library with the same ops (libtrtglm_plugins.so, plugins/README.md), and .py modules are left out."""
+    out = []
+    for p in plugins:
+        name = "libtrtglm_plugins.so" if str(p) == "aot" else str(p)
+        if not name.endswith(".py") and name not in out:
+            out.append(name)
+    return out
 
 
 def _trtexec_name(name: str) -> str:
