@@ -8,8 +8,6 @@ import functools
 
 import pytest
 
-from trtglm.engine import tensorrt_status
-
 
 @functools.lru_cache(maxsize=1)
 def cuda_status() -> tuple[bool, str]:
@@ -30,6 +28,8 @@ def pytest_collection_modifyitems(config, items):
             continue
         item.add_marker(pytest.mark.gpu)
         if item.get_closest_marker("tensorrt"):
+            from trtglm.engine import tensorrt_status  # imports onnx: only where the engine tests run
+
             available, reason = tensorrt_status()
             if not available:
                 item.add_marker(pytest.mark.skip(reason=f"needs TensorRT and a GPU: {reason}"))
