@@ -60,7 +60,7 @@ def fuse_layernorm(graph: gs.Graph, ctx: PassContext) -> int:
     for reduce in [n for n in graph.nodes if n.op == "ReduceMean"]:
         if id(reduce) in used:
             continue
-        match = _match_norm(reduce, outputs)
+        match = match_norm(reduce, outputs)
         if match is None or any(id(n) in used for n in match.nodes):
             continue
         if match.kind == "RMSNormalization" and ctx.opset < RMSNORM_OPSET:
@@ -94,8 +94,8 @@ def fuse_layernorm(graph: gs.Graph, ctx: PassContext) -> int:
 # --- matching ------------------------------------------------------------------------------------------------
 
 
-def _match_norm(var_reduce: gs.Node, outputs: set[int]) -> _Match | None:
-    """Match starting at the variance ReduceMean (the one that reduces the square)."""
+def match_norm(var_reduce: gs.Node, outputs: set[int]) -> _Match | None:
+    """Match starting at the variance ReduceMean (the one that reduces the square). Also used by plugin_ops."""
     if not _reduces_last_axis(var_reduce):
         return None
     sq = var_reduce.inputs[0]

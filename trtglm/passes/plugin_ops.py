@@ -38,8 +38,8 @@ import onnx_graphsurgeon as gs
 
 from trtglm.passes.fold_constants import annotate_shapes
 
-# fuse_layernorm's matcher, private there: importing it keeps one definition of "a decomposed norm" for both passes
-from trtglm.passes.fuse_layernorm import _match_norm
+# fuse_layernorm's matcher: one definition of "a decomposed norm" for both passes
+from trtglm.passes.fuse_layernorm import match_norm
 from trtglm.passes.match import constant_value, producer, single_consumer
 from trtglm.passes.naming import node_name, tensor_name
 from trtglm.plugins import NAMESPACE, VERSION
@@ -86,7 +86,7 @@ def to_plugin_ops(graph: gs.Graph, ctx: PassContext) -> int:
         what = f"{node.op} '{node.name}'" if node.op != "ReduceMean" else f"norm at ReduceMean '{node.name}'"
         try:
             if node.op == "ReduceMean":
-                match = _match_norm(node, outputs)
+                match = match_norm(node, outputs)
                 if match is None or any(id(n) in used for n in match.nodes):
                     continue
                 norm = _Norm(f"decomposed {match.kind}", KINDS[match.kind], match.x, match.eps, match.nodes,
