@@ -22,7 +22,7 @@ from onnx import TensorProto, helper
 
 from trtglm.config import ShapeProfile
 from trtglm.engine import build_engine, sidecar_path, tensorrt_status
-from trtglm.engine.build import _gpu_problem
+from trtglm.gpu import gpu_problem
 from trtglm.engine.commands import polygraphy_command, trtexec_command
 from trtglm.errors import ConfigError, ModelError, TrtglmError
 
@@ -532,7 +532,7 @@ def test_tensorrt_status_names_native_libraries_of_a_broken_install(tmp_path, mo
 
 @pytest.mark.skipif(ctypes.util.find_library("cuda") is not None, reason="an NVIDIA driver is installed here")
 def test_gpu_problem_without_a_driver():
-    assert _gpu_problem() == "no NVIDIA driver found (libcuda is missing), so there is no GPU to build the engine on"
+    assert gpu_problem() == "no NVIDIA driver found (libcuda is missing), so there is no GPU to build the engine on"
 
 
 @NO_TENSORRT

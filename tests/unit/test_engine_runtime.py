@@ -18,7 +18,8 @@ from tests.unit.test_cli import _assert_one_line_error, cnn  # noqa: F401  (cnn:
 from trtglm import profiles
 from trtglm.cli import main
 from trtglm.engine import runtime
-from trtglm.engine.build import build_engine, env_plugins, gpu_info
+from trtglm.engine.build import build_engine, env_plugins
+from trtglm.gpu import gpu_info
 from trtglm.engine.commands import polygraphy_command, trtexec_command
 from trtglm.engine.compare import compare
 from trtglm.errors import ConfigError, DataError, TrtglmError

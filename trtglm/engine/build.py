@@ -15,7 +15,6 @@ is missing (the Python package, its native libraries, or a GPU).
 
 from __future__ import annotations
 
-import ctypes
 import importlib.util
 import json
 import logging
@@ -30,6 +29,7 @@ from google.protobuf.message import DecodeError
 from trtglm.config import ShapeProfile
 from trtglm.engine.commands import polygraphy_command, trtexec_command
 from trtglm.errors import ConfigError, ModelError, TrtglmError
+from trtglm.gpu import gpu_info, gpu_problem
 from trtglm.onnx_io import atomic_path, file_sha256
 from trtglm.profiles import check_profiles, model_inputs
 
@@ -52,7 +52,7 @@ def tensorrt_status() -> tuple[bool, str]:
     except (ImportError, OSError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         return False, f"the tensorrt Python package is installed but its native libraries do not load ({first})"
-    gpu = _gpu_problem()
+    gpu = gpu_problem()
     if gpu is not None:
         return False, gpu
     return True, f"TensorRT {trt.__version__} with a CUDA GPU"
@@ -260,24 +260,6 @@ def _implicit_int8(trt, config: trt.IBuilderConfig, cache: bytes) -> None:
         config.int8_calibrator = CacheCalibrator()
 
 
-def gpu_info() -> dict | None:
-    """Name and compute capability of the current CUDA device (the one TensorRT builds for), from the driver."""
-    try:
-        cuda = ctypes.CDLL("libcuda.so.1")
-    except OSError:
-        return None
-    device, major, minor = ctypes.c_int(0), ctypes.c_int(0), ctypes.c_int(0)
-    name = ctypes.create_string_buffer(256)
-    if cuda.cuInit(0) != 0:
-        return None
-    if cuda.cuCtxGetDevice(ctypes.byref(device)) != 0 and cuda.cuDeviceGet(ctypes.byref(device), 0) != 0:
-        return None  # no current context: device 0 of CUDA_VISIBLE_DEVICES, the one TensorRT uses by default
-    cuda.cuDeviceGetName(name, len(name), device)
-    cuda.cuDeviceGetAttribute(ctypes.byref(major), 75, device)  # CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR
-    cuda.cuDeviceGetAttribute(ctypes.byref(minor), 76, device)  # ..._MINOR
-    return {"name": name.value.decode(errors="replace"), "compute_capability": f"{major.value}.{minor.value}"}
-
-
 def _parse(trt, builder: trt.Builder, logger, onnx_path: Path, strongly_typed: bool = True) -> tuple:
     """(network, parser) from the ONNX file; every parser error is reported with its node, on one line."""
     network = builder.create_network(_network_flags(trt, strongly_typed))
@@ -345,22 +327,6 @@ def _logger(trt) -> trt.ILogger:
                 _log.warning("TensorRT: %s", msg)
 
     return _Logger()
-
-
-def _gpu_problem() -> str | None:
-    """None when the CUDA driver sees a GPU, else what is missing (asked through the driver API, not TensorRT)."""
-    for name in ("libcuda.so.1", "nvcuda.dll"):
-        try:
-            cuda = ctypes.CDLL(name)
-            break
-        except OSError:
-            continue
-    else:
-        return "no NVIDIA driver found (libcuda is missing), so there is no GPU to build the engine on"
-    count = ctypes.c_int(0)
-    if cuda.cuInit(0) != 0 or cuda.cuDeviceGetCount(ctypes.byref(count)) != 0 or count.value < 1:
-        return "the NVIDIA driver is installed but sees no CUDA GPU"
-    return None
 
 
 def _last(errors: list[str], exc: Exception | None = None) -> str:

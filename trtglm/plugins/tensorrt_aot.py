@@ -23,14 +23,13 @@ import tensorrt as trt
 import tensorrt.plugin as trtp
 
 from trtglm.errors import ConfigError
+from trtglm.gpu import gpu_info
 from trtglm.plugins import NAMESPACE, aot
 
 _TYPES = {trt.float32: "float32", trt.float16: "float16", trt.bfloat16: "bfloat16"}
 
 
 def _arch() -> str:
-    from trtglm.engine.build import gpu_info
-
     info = gpu_info() or {}
     major = int(str(info.get("compute_capability", "8.0")).split(".")[0])
     return "sm_90" if major >= 9 else "sm_80"
