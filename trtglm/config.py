@@ -84,6 +84,9 @@ class BuildConfig:
     max_calib_samples: int | None = None
     profiles: tuple[dict[str, ShapeProfile], ...] = field(default_factory=tuple)  # --shapes (one per profile)
     batch_profile: str | None = None  # --batch MIN:OPT:MAX: one profile over axis 0 of the dynamic inputs
+    executor: str = "local"  # local: in-process | ray: calibration shards on Ray actors (same bytes)
+    ray_address: str | None = None  # --executor ray: an existing cluster; None: a local one of `workers` CPUs
+    workers: int = 2  # --executor ray: calibration actors (one ONNX Runtime thread each)
     plugin_ops: bool = False  # also write the model with trtglm's plugin ops (TensorRT only), checked via its fallback
     engine: EngineOptions = field(default_factory=EngineOptions)
 
@@ -134,6 +137,10 @@ class BuildConfig:
             raise ConfigError("--int8 needs exactly one of --calib DIR, --calib-script FILE.py:fn, --calib-cache FILE")
         if self.preprocess is not None and self.calib is None:
             raise ConfigError("--preprocess applies to an image directory given with --calib")
+        if self.executor not in ("local", "ray"):
+            raise ConfigError(f"--executor {self.executor!r}: choose local or ray")
+        if self.workers < 1:
+            raise ConfigError(f"--workers {self.workers}: give at least 1")
         if self.profiles and self.batch_profile is not None:
             raise ConfigError("give the engine's shapes with either --shapes or --batch, not both")
         if self.engine.implicit_cache is not None and self.backend == "onnxruntime":

@@ -7,6 +7,7 @@ import time
 from collections import Counter
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +20,7 @@ from trtglm.calib import data as calib_data
 from trtglm.calib import search
 from trtglm.calib.collect import collect, head_absmax
 from trtglm.calib.methods import Scales, scales_for
+from trtglm.calib.ray_executor import collect_on_ray
 from trtglm.calib.rows import RowSample
 from trtglm.calib.text import open_text_dataset
 from trtglm import profiles
@@ -140,6 +142,10 @@ def build(cfg: BuildConfig, console=None) -> dict:
                 else:
                     def calibrate(model, description="calibrating"):
                         rows = search.wants_rows(graph, plan.activations, policy.keep_float) if searching else []
+                        if cfg.executor == "ray":
+                            return collect_on_ray(model, plan.activations, calib_set.groups(calib_idx, cfg.batch_size),
+                                                  partial(_open_data, cfg, specs), rows, cfg.workers,
+                                                  cfg.ray_address, f"{description} on Ray")
                         samples = {n: RowSample(n) for n in rows}
                         return collect(model, plan.activations, calib_set.batches(calib_idx, cfg.batch_size),
                                        total=total, description=description, samples=samples), samples

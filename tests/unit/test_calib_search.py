@@ -8,20 +8,25 @@ from trtglm.calib.search import ALPHAS, choose_alpha, choose_method, output_erro
 from trtglm.calib.stats import TensorStats
 
 
-def _stream(batches, capacity=64):
+def _stream(batches, capacity=64, indices=None):
     sample = RowSample("t", capacity)
     stats = TensorStats("t")
-    for b in batches:
-        sample.update(b)
+    for i, b in zip(indices if indices is not None else range(len(batches)), batches):
+        sample.update(b, i)
         stats.update(b)
     return sample, stats
+
+
+def _sorted_rows(rows):
+    return rows[np.lexsort(rows.T[::-1])]
 
 
 def test_row_sample_keeps_everything_until_full_then_a_bounded_deterministic_sample():
     rng = np.random.default_rng(0)
     small = [rng.standard_normal((2, 5, 8)).astype(np.float32) for _ in range(3)]
     sample, _ = _stream(small, capacity=64)
-    np.testing.assert_array_equal(sample.rows, np.concatenate([b.reshape(-1, 8) for b in small]))
+    np.testing.assert_array_equal(_sorted_rows(sample.rows),
+                                  _sorted_rows(np.concatenate([b.reshape(-1, 8) for b in small])))
     # 20 batches of 100 rows whose first column is the batch index: a fair sample reaches the late batches
     big = [np.full((100, 8), i, dtype=np.float32) for i in range(20)]
     a, _ = _stream(big, capacity=64)
@@ -29,6 +34,26 @@ def test_row_sample_keeps_everything_until_full_then_a_bounded_deterministic_sam
     assert a.rows.shape == (64, 8) and a.seen == 2000
     np.testing.assert_array_equal(a.rows, b.rows)
     assert a.rows[:, 0].max() >= 15 and len(np.unique(a.rows[:, 0])) >= 8
+
+
+def test_row_sample_is_the_same_for_any_partition_and_merge_order():
+    """Bottom-k by a hash of (batch, row): shards merged in any order give the same rows in the same order as one
+    stream, and a shard merged twice (a retried worker) changes nothing."""
+    rng = np.random.default_rng(3)
+    batches = [rng.standard_normal((7, 12, 8)).astype(np.float32) for _ in range(30)]
+    whole, _ = _stream(batches, capacity=100)
+    for trial in range(20):
+        order = rng.permutation(30)
+        cuts = np.sort(rng.choice(np.arange(1, 30), size=rng.integers(1, 6), replace=False))
+        shards = [_stream([batches[i] for i in part], 100, part)[0] for part in np.split(order, cuts)]
+        first, *rest = rng.permutation(len(shards))
+        merged = shards[first]
+        for j in rest:
+            merged = merged.merge(shards[j])
+        np.testing.assert_array_equal(merged.rows, whole.rows)
+        assert merged.seen == whole.seen
+        again = merged.merge(shards[first])  # a shard's rows once more: the same keys, nothing new
+        np.testing.assert_array_equal(again.rows, whole.rows)
 
 
 def test_choose_alpha_smooths_an_outlier_channel_and_not_a_flat_one():

@@ -10,7 +10,7 @@ number of batches.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from contextlib import ExitStack
+from contextlib import contextmanager
 
 import numpy as np
 import onnx
@@ -34,35 +34,61 @@ def collect(model: onnx.ModelProto, tensors: list[str], batches: Iterable[dict[s
     `total` is the number of batches, when known, for the progress bar (stderr). `samples` (tensor name ->
     RowSample, names among `tensors`) are filled with rows of those tensors on the way.
     """
-    samples = samples or {}
-    names = sorted(set(tensors))
-    stats = {name: TensorStats(name) for name in names}
-    graph_inputs = _graph_inputs(model)
-    from_feeds = [n for n in names if n in graph_inputs]
-    with ExitStack() as stack:
+    collector = Collector(model, tensors, samples)
+    with progress_bar(description, total) as advance:
+        for index, batch in enumerate(batches):
+            collector.add(index, batch)
+            advance()
+    return collector.stats
+
+
+class Collector:
+    """One ONNX Runtime session over a copy of the model that outputs the observed tensors; `add` folds one
+    calibration batch (by its index in the whole stream) into the statistics and row samples. A collector over
+    any subset of the batches gives partial statistics that merge exactly (TensorStats.merge, RowSample.merge)."""
+
+    def __init__(self, model: onnx.ModelProto, tensors: list[str], samples: dict[str, RowSample] | None = None,
+                 threads: int = 0):
+        self.samples = samples or {}
+        names = sorted(set(tensors))
+        self.stats = {name: TensorStats(name) for name in names}
+        self.inputs = _graph_inputs(model)
+        self.from_feeds = [n for n in names if n in self.inputs]
         # ORT's graph rewrites keep every graph output, so the observed tensors survive them; fused kernels only
         # change float rounding, far below a histogram bin, and run calibration about twice as fast.
-        session = runtime.session(_with_outputs(model, [n for n in names if n not in graph_inputs]), optimize=True)
-        fetch = [o.name for o in session.get_outputs() if o.name in stats]
-        progress = stack.enter_context(Progress(
-            TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-            console=Console(stderr=True)))
+        self.session = runtime.session(_with_outputs(model, [n for n in names if n not in self.inputs]),
+                                       optimize=True, threads=threads)
+        self.fetch = [o.name for o in self.session.get_outputs() if o.name in self.stats]
+
+    def take(self) -> tuple[dict[str, TensorStats], dict[str, RowSample]]:
+        """The statistics and samples so far; the collector starts afresh (same session) for the next shard."""
+        taken = self.stats, self.samples
+        self.stats = {name: TensorStats(name) for name in self.stats}
+        self.samples = {name: RowSample(name, sample.capacity) for name, sample in self.samples.items()}
+        return taken
+
+    def add(self, index: int, batch: dict[str, np.ndarray]) -> None:
+        feeds = _feeds(batch, self.inputs, index)
+        try:
+            values = self.session.run(self.fetch, feeds) if self.fetch else []  # run([]) would fetch every output
+        except Exception as e:  # ORT raises its own exception types (Fail, InvalidArgument, ...)
+            raise DataError(f"calibration batch {index}: ONNX Runtime failed: {str(e).strip()}") from e
+        for name, value in zip(self.fetch + self.from_feeds, values + [feeds[n] for n in self.from_feeds]):
+            if not np.issubdtype(value.dtype, np.floating):
+                raise CalibrationError(f"calibration: tensor '{name}' has dtype {value.dtype}; only float "
+                                       "activations can be calibrated")
+            self.stats[name].update(value)
+            if name in self.samples:
+                self.samples[name].update(value, index)
+
+
+@contextmanager
+def progress_bar(description: str, total: int | None):
+    """A rich progress bar on stderr; yields the function that advances it by one."""
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=Console(stderr=True)) as progress:
         task = progress.add_task(description, total=total)
-        for index, batch in enumerate(batches):
-            feeds = _feeds(batch, graph_inputs, index)
-            try:
-                values = session.run(fetch, feeds) if fetch else []  # run([]) would fetch every output
-            except Exception as e:  # ORT raises its own exception types (Fail, InvalidArgument, ...)
-                raise DataError(f"calibration batch {index}: ONNX Runtime failed: {str(e).strip()}") from e
-            for name, value in zip(fetch + from_feeds, values + [feeds[n] for n in from_feeds]):
-                if not np.issubdtype(value.dtype, np.floating):
-                    raise CalibrationError(f"calibration: tensor '{name}' has dtype {value.dtype}; only float "
-                                           "activations can be calibrated")
-                stats[name].update(value)
-                if name in samples:
-                    samples[name].update(value)
-            progress.advance(task)
-    return stats
+        yield lambda: progress.advance(task)
 
 
 def _graph_inputs(model: onnx.ModelProto) -> dict[str, onnx.ValueInfoProto]:

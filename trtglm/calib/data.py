@@ -65,7 +65,11 @@ class Dataset:
 
     def batches(self, indices: Sequence[int], batch_size: int) -> Iterator[dict[str, np.ndarray]]:
         for group in self.groups(indices, batch_size):
-            yield {s.name: np.ascontiguousarray(a, dtype=s.dtype) for s, a in zip(self.specs, self._read(group))}
+            yield self.batch(group)
+
+    def batch(self, group: list[int]) -> dict[str, np.ndarray]:
+        """The batch made of the units `group` (one entry of `groups`)."""
+        return {s.name: np.ascontiguousarray(a, dtype=s.dtype) for s, a in zip(self.specs, self._read(group))}
 
     def labels(self, indices: Sequence[int]) -> np.ndarray | None:
         """Labels in the order `batches` yields samples (any batch_size gives the same order)."""

@@ -1,0 +1,115 @@
+"""--executor ray: calibration shards on a local Ray cluster of 2 workers give the same bytes as one process, for a
+CNN and a transformer, also when an actor dies mid-run; shard bookkeeping and merging in any order."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from click.testing import CliRunner
+
+from tests import models
+from trtglm.calib import data as calib_data
+from trtglm.calib.collect import Collector
+from trtglm.calib.ray_executor import Partial, collect_on_ray, merge_partials, shard_groups
+from trtglm.calib.rows import RowSample
+from trtglm.cli import main
+
+ray = pytest.importorskip("ray", reason="Ray is a dev dependency: pip install -e '.[dev]'")
+ARTEFACTS = ("model.int8.qdq.onnx", "calib.cache", "quant_config.json")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def local_cluster():
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+def test_shard_groups_keep_every_batch_once_in_order():
+    groups = [[i, i + 1] for i in range(0, 20, 2)]
+    shards = shard_groups(groups, 4)
+    assert len(shards) == 4 and all(shards)
+    assert [pair for shard in shards for pair in shard] == list(enumerate(groups))
+    assert len(shard_groups(groups[:2], 8)) == 2 and shard_groups([], 3) == []
+
+
+def _partials(model, tensors, batches, cuts):
+    partials = []
+    for shard, part in enumerate(np.split(np.arange(len(batches)), cuts)):
+        collector = Collector(model, tensors, {tensors[0]: RowSample(tensors[0])})
+        for i in part:
+            collector.add(int(i), batches[i])
+        partials.append(Partial(shard, *collector.take()))
+    return partials
+
+
+def test_merge_is_the_same_for_any_order_and_counts_a_retried_shard_once():
+    model = models.build_cnn_classifier()
+    tensors = ["input"] + [n.output[0] for n in model.graph.node if n.op_type == "Relu"][:2]
+    batches = [models.random_inputs(model, batch=3, seed=s) for s in range(9)]
+    partials = _partials(model, tensors, batches, [2, 5, 7])
+    whole, whole_rows = merge_partials(_partials(model, tensors, batches, []), tensors, [tensors[0]])
+    rng = np.random.default_rng(0)
+    for _ in range(5):
+        shuffled = [partials[i] for i in rng.permutation(len(partials))] + [partials[1]]  # shard 1 arrives twice
+        stats, rows = merge_partials(shuffled, tensors, [tensors[0]])
+        for name in tensors:
+            np.testing.assert_array_equal(stats[name].hist, whole[name].hist)
+            assert (stats[name].absmax, stats[name].count, stats[name].zeros) == (
+                whole[name].absmax, whole[name].count, whole[name].zeros)
+        np.testing.assert_array_equal(rows[tensors[0]].rows, whole_rows[tensors[0]].rows)
+
+
+def _build(model: Path, calib: Path, out: Path, *extra) -> None:
+    result = CliRunner().invoke(main, ["build", str(model), "--calib", str(calib), "--out", str(out), *extra])
+    assert result.exit_code == 0, result.output
+
+
+@pytest.mark.parametrize("kind", ["cnn", "transformer"])
+def test_ray_build_writes_the_same_bytes_as_local(tmp_path, kind):
+    model = models.build_cnn_classifier() if kind == "cnn" else models.build_attention(seq=8, hidden=16)
+    onnx.save(model, tmp_path / "m.onnx")
+    (tmp_path / "calib").mkdir()
+    for s in range(12):  # 12 .npz batches of 4 samples: 12 batches cut into shards
+        np.savez(tmp_path / "calib" / f"b{s:02d}.npz", **models.random_inputs(model, batch=4, seed=s))
+    _build(tmp_path / "m.onnx", tmp_path / "calib", tmp_path / "local")
+    _build(tmp_path / "m.onnx", tmp_path / "calib", tmp_path / "ray", "--executor", "ray", "--workers", "2")
+    for name in ARTEFACTS:
+        assert (tmp_path / "local" / name).read_bytes() == (tmp_path / "ray" / name).read_bytes(), name
+
+
+def test_an_actor_killed_mid_run_is_restarted_and_the_bytes_are_the_same(tmp_path):
+    model = models.build_cnn_classifier()
+    calib = tmp_path / "calib"
+    calib.mkdir()
+    rng = np.random.default_rng(0)
+    np.save(calib / "input.npy", rng.standard_normal((64, 3, 8, 8)).astype(np.float32))
+    specs = calib_data.input_specs(model)
+    tensors = ["input"] + [n.output[0] for n in model.graph.node if n.op_type in ("Relu", "Conv")]
+    groups = calib_data.open_dataset(calib, specs).groups(list(range(64)), 4)
+    marker = tmp_path / "killed"
+
+    def open_data():  # runs in each actor; its dataset kills its process once, at batch group 9
+        data = calib_data.open_dataset(calib, specs)
+        batch = data.batch
+
+        def dying(group):
+            if group == groups[9] and not marker.exists():
+                marker.write_text(str(os.getpid()))
+                os._exit(1)
+            return batch(group)
+
+        data.batch = dying
+        return data
+
+    calm = collect_on_ray(model, tensors, groups, lambda: calib_data.open_dataset(calib, specs), ["input"], 2)
+    faulty = collect_on_ray(model, tensors, groups, open_data, ["input"], 2)
+    assert marker.exists(), "the fault was never injected"
+    for name in tensors:
+        np.testing.assert_array_equal(faulty[0][name].hist, calm[0][name].hist)
+        assert faulty[0][name].count == calm[0][name].count
+    np.testing.assert_array_equal(faulty[1]["input"].rows, calm[1]["input"].rows)

@@ -1,0 +1,127 @@
+"""Calibration on a Ray cluster (`--executor ray`): the same statistics, bit for bit, as one process.
+
+The calibration batches (their groups of sample indices, numbered in stream order) are cut into shards. A Ray
+Dataset of shard descriptors runs `map_batches` over an actor pool: each actor opens the calibration data itself
+(the directory must be readable where the actors run: a shared file system, or one machine), holds one ONNX
+Runtime session of the model, and returns the partial statistics of its shard (TensorStats and RowSamples,
+pickled: a few MB whatever the shard's size). The driver merges the partials. Histogram merging is exact
+(power-of-two ranges, integer counts) and row samples are bottom-k by a hash of (batch, row), so the result does
+not depend on which actor ran which shard or in what order shards finish; a shard that Ray retries after a worker
+died is merged once (by shard id).
+
+Ray is optional (`pip install 'trtglm[ray]'`) and imported only here.
+"""
+
+from __future__ import annotations
+
+import pickle
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+
+from trtglm.calib.collect import Collector, progress_bar
+from trtglm.calib.rows import RowSample
+from trtglm.calib.stats import TensorStats
+from trtglm.errors import ConfigError, TrtglmError
+
+SHARDS_PER_WORKER = 4  # enough shards to balance uneven actors, few enough that partials stay small
+
+
+@dataclass(frozen=True)
+class Partial:
+    shard: int
+    stats: dict[str, TensorStats]
+    samples: dict[str, RowSample]
+
+
+def shard_groups(groups: list[list[int]], shards: int) -> list[list[tuple[int, list[int]]]]:
+    """(batch index, group) pairs cut into at most `shards` contiguous, non-empty shards."""
+    indexed = list(enumerate(groups))
+    shards = max(1, min(shards, len(indexed)))
+    bounds = np.linspace(0, len(indexed), shards + 1).round().astype(int)
+    return [indexed[a:b] for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
+
+
+def merge_partials(partials: list[Partial], tensors: list[str],
+                   sample_names: list[str]) -> tuple[dict[str, TensorStats], dict[str, RowSample]]:
+    """One partial per shard id (a retried shard counts once), merged in shard order."""
+    by_shard = {}
+    for p in partials:
+        by_shard.setdefault(p.shard, p)
+    stats = {n: TensorStats(n) for n in sorted(set(tensors))}
+    samples = {n: RowSample(n) for n in sample_names}
+    for shard in sorted(by_shard):
+        p = by_shard[shard]
+        stats = {n: stats[n].merge(p.stats[n]) for n in stats}
+        samples = {n: samples[n].merge(p.samples[n]) for n in samples}
+    return stats, samples
+
+
+class ShardCalibrator:
+    """A Ray Data actor: the model's session and the calibration data, opened once; one shard per call."""
+
+    def __init__(self, model: bytes, tensors: list[str], sample_names: list[str], open_data: Callable,
+                 threads: int = 1):
+        self.data = open_data()
+        self.collector = Collector(onnx.load_from_string(model), tensors, {n: RowSample(n) for n in sample_names},
+                                   threads=threads)
+
+    def __call__(self, rows: dict) -> dict:
+        out = []
+        for shard, payload in zip(rows["shard"], rows["batches"]):
+            for index, group in pickle.loads(payload):
+                self.collector.add(index, self.data.batch(group))
+            stats, samples = self.collector.take()
+            out.append(pickle.dumps(Partial(int(shard), stats, samples)))
+        return {"shard": np.asarray(rows["shard"]), "partial": np.asarray(out, dtype=object)}
+
+
+def collect_on_ray(model: onnx.ModelProto, tensors: list[str], groups: list[list[int]], open_data: Callable,
+                   sample_names: list[str], workers: int, address: str | None = None,
+                   description: str = "calibrating on Ray") -> tuple[dict[str, TensorStats], dict[str, RowSample]]:
+    """Statistics and row samples of `tensors` over the batches `groups`, computed by `workers` Ray actors."""
+    ray = _ray()
+    if workers < 1:
+        raise ConfigError(f"--workers {workers}: give at least 1")
+    _init(ray, address, workers)
+    shards = shard_groups(groups, workers * SHARDS_PER_WORKER)
+    items = [{"shard": k, "batches": pickle.dumps(shard)} for k, shard in enumerate(shards)]
+    # Ray Data's actor pools restart a dead actor and retry its task by default (max_restarts and
+    # max_task_retries -1): a retried shard may reach the driver twice, and merge_partials keeps one copy.
+    dataset = ray.data.from_items(items).map_batches(
+        ShardCalibrator, fn_constructor_args=(model.SerializeToString(), tensors, sample_names, open_data),
+        batch_size=1, concurrency=workers, num_cpus=1)
+    partials = []
+    with progress_bar(description, len(shards)) as advance:
+        for row in dataset.iter_rows():
+            partials.append(pickle.loads(row["partial"]))
+            advance()
+    missing = sorted(set(range(len(shards))) - {p.shard for p in partials})
+    if missing:
+        raise TrtglmError(f"Ray calibration lost shard(s) {missing}: their statistics never arrived")
+    return merge_partials(partials, tensors, sample_names)
+
+
+def _init(ray, address: str | None, workers: int) -> None:
+    if ray.is_initialized():
+        return
+    try:
+        if address:
+            ray.init(address=address, logging_level="ERROR", log_to_driver=False)
+        else:  # a local cluster on this machine, one CPU per worker
+            ray.init(num_cpus=workers, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+    except (ConnectionError, RuntimeError, ValueError) as e:
+        where = f"the Ray cluster at {address}" if address else "a local Ray cluster"
+        raise TrtglmError(f"--executor ray: cannot start or reach {where} ({str(e).splitlines()[0]})") from e
+    ray.data.DataContext.get_current().enable_progress_bars = False  # trtglm shows its own
+
+
+def _ray():
+    try:
+        import ray
+        import ray.data  # noqa: F401
+    except ImportError as e:
+        raise ConfigError(f"--executor ray needs Ray: pip install 'trtglm[ray]' ({e})") from e
+    return ray
