@@ -295,6 +295,49 @@ def bench_decode(ctx, model, batches, prompt_len, new_tokens):
     _run(ctx, go)
 
 
+@main.command("build-matrix")
+@click.argument("model", type=_PATH)
+@click.option("--gpus", required=True, help="GPU kinds, as Ray names them: A100,H100,L4 (one engine each).")
+@click.option("--int8/--no-int8", default=True, show_default=True, help="Calibrate and insert Q/DQ.")
+@click.option("--calib", type=_PATH, help="Calibration data (as for build).")
+@click.option("--eval", "eval_", type=_PATH, help="Held-out data (default: 20%% of the calibration data).")
+@click.option("--batch-size", default=32, show_default=True)
+@click.option("--out", type=_PATH, help="Output directory (default: MODEL.trtglm/); engines in OUT/<kind>/.")
+@click.option("--timeout", default=1800.0, show_default=True, help="Seconds to wait for all engine builds.")
+@click.option("--executor", default="local", show_default=True, type=click.Choice(["local", "ray"]),
+              help="Where calibration runs (the engine builds always run on Ray).")
+@click.option("--ray-address", help="The Ray cluster (default: start a local one).")
+@click.option("--workers", default=2, show_default=True, help="--executor ray: calibration actors.")
+@_engine_options
+@click.pass_context
+def build_matrix_cmd(ctx, model, gpus, int8, calib, eval_, batch_size, out, timeout, executor, ray_address, workers,
+                     shapes, batch_profile, opt_level, workspace, timing_cache, plugins, implicit_cache):
+    """One Q/DQ model and calibration, then one TensorRT engine per GPU kind, each built by a Ray task on a node
+    of that kind; OUT/<kind>/model.engine with its sidecar."""
+    from trtglm import pipeline
+    from trtglm.config import BuildConfig, ShapeProfile
+    from trtglm.engine.matrix import build_matrix, parse_gpus
+
+    def go():
+        kinds = parse_gpus(gpus)
+        if timeout <= 0:
+            raise ConfigError(f"--timeout {timeout}: give seconds > 0")
+        profiles, batch, engine = _engine_config(shapes, batch_profile, opt_level, workspace, timing_cache, plugins,
+                                                 implicit_cache)
+        cfg = BuildConfig(model=model, out=out, int8=int8, calib=calib, eval=eval_, batch_size=batch_size,
+                          backend="onnxruntime", executor=executor, ray_address=ray_address, workers=workers,
+                          profiles=profiles, batch_profile=batch, engine=engine)
+        rep = pipeline.build(cfg)
+        qdq = pipeline.Artefacts.of(cfg).qdq
+        found = [{name: ShapeProfile(tuple(p["min"]), tuple(p["opt"]), tuple(p["max"])) for name, p in prof.items()}
+                 for prof in rep["engine"]["profiles"]]
+        built = build_matrix(qdq, qdq.parent, kinds, found, engine, timeout, ray_address)
+        for kind, path in built.items():
+            click.echo(f"{kind}: wrote {path} and {path}.json")
+
+    _run(ctx, go)
+
+
 @main.command("engine")
 @click.argument("model", type=_PATH)
 @click.option("-o", "--output", type=_PATH, help="Engine file to write (default: MODEL with .engine).")

@@ -113,3 +113,32 @@ def test_an_actor_killed_mid_run_is_restarted_and_the_bytes_are_the_same(tmp_pat
         np.testing.assert_array_equal(faulty[0][name].hist, calm[0][name].hist)
         assert faulty[0][name].count == calm[0][name].count
     np.testing.assert_array_equal(faulty[1]["input"].rows, calm[1]["input"].rows)
+
+
+def test_parse_gpus():
+    from trtglm.engine.matrix import parse_gpus
+    from trtglm.errors import ConfigError
+
+    assert parse_gpus("A100, H100,L4,A100") == ["A100", "H100", "L4"]
+    for bad in ("", ",", "A100;H100", "A 100"):
+        with pytest.raises(ConfigError, match="--gpus"):
+            parse_gpus(bad)
+
+
+def test_build_matrix_without_gpus_names_the_kinds_within_its_timeout_and_keeps_the_qdq(tmp_path):
+    import time
+
+    from tests.unit.test_cli import _assert_one_line_error
+
+    model = models.build_cnn_classifier()
+    onnx.save(model, tmp_path / "m.onnx")
+    (tmp_path / "calib").mkdir()
+    np.save(tmp_path / "calib" / "input.npy", np.random.default_rng(0).standard_normal((32, 3, 8, 8)).astype(np.float32))
+    start = time.perf_counter()
+    result = CliRunner().invoke(main, ["build-matrix", str(tmp_path / "m.onnx"), "--calib", str(tmp_path / "calib"),
+                                       "--gpus", "A100,H100,L4", "--out", str(tmp_path / "o"), "--timeout", "3"])
+    assert time.perf_counter() - start < 120
+    _assert_one_line_error(result, "no node with GPU kind(s) A100, H100, L4 built an engine within 3 s",
+                           "0 GPU(s)", "model.int8.qdq.onnx")
+    assert (tmp_path / "o" / "model.int8.qdq.onnx").is_file()
+    assert not any((tmp_path / "o" / kind).exists() for kind in ("A100", "H100", "L4"))

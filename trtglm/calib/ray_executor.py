@@ -14,7 +14,9 @@ Ray is optional (`pip install 'trtglm[ray]'`) and imported only here.
 
 from __future__ import annotations
 
+import os
 import pickle
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -26,7 +28,8 @@ from trtglm.calib.rows import RowSample
 from trtglm.calib.stats import TensorStats
 from trtglm.errors import ConfigError, TrtglmError
 
-SHARDS_PER_WORKER = 4  # enough shards to balance uneven actors, few enough that partials stay small
+LAST_PARTIALS: list = []  # (shard, worker pid, started, finished) of the last run, for bench/scaleout.py
+SHARDS_PER_WORKER = 1  # one shard per actor: each shard sends its row samples (MBs) whatever its size
 
 
 @dataclass(frozen=True)
@@ -34,6 +37,9 @@ class Partial:
     shard: int
     stats: dict[str, TensorStats]
     samples: dict[str, RowSample]
+    worker: int = 0  # the process that computed it, and when (wall clock): where the time goes
+    started: float = 0.0
+    finished: float = 0.0
 
 
 def shard_groups(groups: list[list[int]], shards: int) -> list[list[tuple[int, list[int]]]]:
@@ -71,10 +77,11 @@ class ShardCalibrator:
     def __call__(self, rows: dict) -> dict:
         out = []
         for shard, payload in zip(rows["shard"], rows["batches"]):
+            started = time.time()
             for index, group in pickle.loads(payload):
                 self.collector.add(index, self.data.batch(group))
             stats, samples = self.collector.take()
-            out.append(pickle.dumps(Partial(int(shard), stats, samples)))
+            out.append(pickle.dumps(Partial(int(shard), stats, samples, os.getpid(), started, time.time())))
         return {"shard": np.asarray(rows["shard"]), "partial": np.asarray(out, dtype=object)}
 
 
@@ -82,29 +89,33 @@ def collect_on_ray(model: onnx.ModelProto, tensors: list[str], groups: list[list
                    sample_names: list[str], workers: int, address: str | None = None,
                    description: str = "calibrating on Ray") -> tuple[dict[str, TensorStats], dict[str, RowSample]]:
     """Statistics and row samples of `tensors` over the batches `groups`, computed by `workers` Ray actors."""
-    ray = _ray()
+    ray = import_ray()
     if workers < 1:
         raise ConfigError(f"--workers {workers}: give at least 1")
-    _init(ray, address, workers)
+    init_ray(ray, address, workers)
     shards = shard_groups(groups, workers * SHARDS_PER_WORKER)
     items = [{"shard": k, "batches": pickle.dumps(shard)} for k, shard in enumerate(shards)]
     # Ray Data's actor pools restart a dead actor and retry its task by default (max_restarts and
     # max_task_retries -1): a retried shard may reach the driver twice, and merge_partials keeps one copy.
-    dataset = ray.data.from_items(items).map_batches(
+    dataset = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(  # a block per shard
         ShardCalibrator, fn_constructor_args=(model.SerializeToString(), tensors, sample_names, open_data),
-        batch_size=1, concurrency=workers, num_cpus=1)
+        batch_size=1, num_cpus=1,
+        # one shard at a time per actor: otherwise the first actor up queues several and the others idle
+        compute=ray.data.ActorPoolStrategy(size=workers, max_tasks_in_flight_per_actor=1))
     partials = []
     with progress_bar(description, len(shards)) as advance:
         for row in dataset.iter_rows():
             partials.append(pickle.loads(row["partial"]))
             advance()
+    global LAST_PARTIALS
+    LAST_PARTIALS = [(p.shard, p.worker, p.started, p.finished) for p in partials]
     missing = sorted(set(range(len(shards))) - {p.shard for p in partials})
     if missing:
         raise TrtglmError(f"Ray calibration lost shard(s) {missing}: their statistics never arrived")
     return merge_partials(partials, tensors, sample_names)
 
 
-def _init(ray, address: str | None, workers: int) -> None:
+def init_ray(ray, address: str | None, workers: int) -> None:
     if ray.is_initialized():
         return
     try:
@@ -118,7 +129,7 @@ def _init(ray, address: str | None, workers: int) -> None:
     ray.data.DataContext.get_current().enable_progress_bars = False  # trtglm shows its own
 
 
-def _ray():
+def import_ray():
     try:
         import ray
         import ray.data  # noqa: F401
