@@ -92,7 +92,9 @@ def test_dockerfile_entrypoint_base_image_and_install():
     base = [args for keyword, args in instructions if keyword == "ARG" and args.startswith("BASE_IMAGE=")]
     assert len(base) == 1 and re.fullmatch(r"BASE_IMAGE=nvcr\.io/nvidia/tensorrt:\d\d\.\d\d-py3", base[0])
     runs = " ".join(args for keyword, args in instructions if keyword == "RUN")
-    assert re.search(r"pip install --no-cache-dir .*\"\.\[tensorrt\]\"", runs), "install trtglm with the tensorrt extra"
+    assert re.search(r"pip install --no-cache-dir .*\"\.\[\$\{EXTRAS\}\]\"", runs), "install trtglm with its extras"
+    extras = [args for keyword, args in instructions if keyword == "ARG" and args.startswith("EXTRAS=")]
+    assert extras == ["EXTRAS=tensorrt"], "the tensorrt extra by default"
     assert "torch" not in re.sub(r"#.*", "", runs), "no torch in the image"
     assert "cmake -S plugins -B" in runs and "-DTRTGLM_TENSORRT_INCLUDE=" in runs, "plugins/README.md's build"
     envs = [args for keyword, args in instructions if keyword == "ENV"]
