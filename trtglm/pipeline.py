@@ -20,7 +20,7 @@ from trtglm.calib import data as calib_data
 from trtglm.calib import search
 from trtglm.calib.collect import collect, head_absmax
 from trtglm.calib.methods import Scales, scales_for
-from trtglm.calib.ray_executor import collect_on_ray
+from trtglm.calib.ray_executor import collect_on_ray, ray_map
 from trtglm.calib.rows import RowSample
 from trtglm.calib.text import open_text_dataset
 from trtglm import profiles
@@ -175,7 +175,8 @@ def build(cfg: BuildConfig, console=None) -> dict:
                         calibrated, sensitivity.linear_layers(graph, _quantized_nodes(graph, plan)),
                         lambda keep: _quantized(calibrated, replace(policy, keep_float=policy.keep_float | keep),
                                                 scales.amax, seven_bit_ops),
-                        feeds, cfg.accuracy_budget)
+                        feeds, cfg.accuracy_budget,
+                        ray_map(cfg.workers, cfg.ray_address) if cfg.executor == "ray" else None)
                     policy = replace(policy, keep_float=policy.keep_float | sens.keep_float)
                     plan = plan_qdq(graph, policy)
         layers = sensitivity.linear_layers(graph, [n.name for n in graph.nodes if n.op in QUANTIZED_OPS])

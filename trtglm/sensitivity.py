@@ -68,16 +68,16 @@ def int8_mac_fraction(layers: list[Layer]) -> float:
 
 
 def analyse(fp32: onnx.ModelProto, layers: list[Layer], quantize: Callable[[frozenset[str]], onnx.ModelProto],
-            feeds: list[dict[str, np.ndarray]], budget: float) -> Sensitivity:
+            feeds: list[dict[str, np.ndarray]], budget: float, mapper: Callable | None = None) -> Sensitivity:
     """Fill each layer's `error` and `precision`; `quantize(keep_float)` builds the INT8 model with those layers
-    kept in float."""
+    kept in float. `mapper(fn, items, description)` evaluates the per-layer errors, one independent evaluation per
+    layer (trtglm.calib.ray_executor.ray_map runs them as Ray tasks); default: here, in order."""
     reference = _run(runtime.session(fp32, optimize=False), feeds)
     everything = frozenset(layer.node for layer in layers)
-    with _progress() as progress:
-        task = progress.add_task("sensitivity", total=len(layers))
-        for layer in layers:
-            layer.error = _error(quantize(everything - {layer.node}), feeds, reference)
-            progress.advance(task)
+    keeps = [everything - {layer.node} for layer in layers]
+    for layer, error in zip(layers, (mapper or _local_map)(_LayerError(quantize, feeds, reference), keeps,
+                                                            "sensitivity")):
+        layer.error = error
     order = sorted(layers, key=lambda layer: (-(layer.error or 0.0), layer.node))
     full = _error(quantize(frozenset()), feeds, reference)
     errors = {0: full}
@@ -94,6 +94,26 @@ def analyse(fp32: onnx.ModelProto, layers: list[Layer], quantize: Callable[[froz
         layer.precision = "float"
     return Sensitivity(budget=budget, samples=sum(len(next(iter(f.values()))) for f in feeds),
                        error=errors.get(k, 0.0), full_int8_error=full, layers=layers)
+
+
+class _LayerError:
+    """The error of the model quantized with `keep` in float (a picklable callable, for Ray tasks)."""
+
+    def __init__(self, quantize, feeds, reference):
+        self.quantize, self.feeds, self.reference = quantize, feeds, reference
+
+    def __call__(self, keep: frozenset[str]) -> float:
+        return _error(self.quantize(keep), self.feeds, self.reference)
+
+
+def _local_map(fn, items: list, description: str) -> list:
+    out = []
+    with _progress() as progress:
+        task = progress.add_task(description, total=len(items))
+        for item in items:
+            out.append(fn(item))
+            progress.advance(task)
+    return out
 
 
 def _error(model: onnx.ModelProto, feeds, reference) -> float:

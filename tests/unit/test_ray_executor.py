@@ -69,15 +69,23 @@ def _build(model: Path, calib: Path, out: Path, *extra) -> None:
     assert result.exit_code == 0, result.output
 
 
-@pytest.mark.parametrize("kind", ["cnn", "transformer"])
+@pytest.mark.parametrize("kind", ["cnn", "transformer", "transformer-budget"])
 def test_ray_build_writes_the_same_bytes_as_local(tmp_path, kind):
+    """Calibration on 2 Ray actors; with an accuracy budget also the per-layer sensitivity as Ray tasks."""
     model = models.build_cnn_classifier() if kind == "cnn" else models.build_attention(seq=8, hidden=16)
     onnx.save(model, tmp_path / "m.onnx")
     (tmp_path / "calib").mkdir()
     for s in range(12):  # 12 .npz batches of 4 samples: 12 batches cut into shards
         np.savez(tmp_path / "calib" / f"b{s:02d}.npz", **models.random_inputs(model, batch=4, seed=s))
-    _build(tmp_path / "m.onnx", tmp_path / "calib", tmp_path / "local")
-    _build(tmp_path / "m.onnx", tmp_path / "calib", tmp_path / "ray", "--executor", "ray", "--workers", "2")
+    budget = ["--accuracy-budget", "0.00001"] if kind.endswith("budget") else []
+    _build(tmp_path / "m.onnx", tmp_path / "calib", tmp_path / "local", *budget)
+    _build(tmp_path / "m.onnx", tmp_path / "calib", tmp_path / "ray", "--executor", "ray", "--workers", "2", *budget)
+    if budget:  # the budget kept some layers float: the sensitivity analysis decided something
+        import json
+
+        layers = json.loads((tmp_path / "ray" / "quant_config.json").read_text())["layers"]
+        assert any(layer["precision"] == "float" for layer in layers)
+        assert all(layer.get("sensitivity") is not None for layer in layers)
     for name in ARTEFACTS:
         assert (tmp_path / "local" / name).read_bytes() == (tmp_path / "ray" / name).read_bytes(), name
 

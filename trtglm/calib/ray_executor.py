@@ -115,6 +115,32 @@ def collect_on_ray(model: onnx.ModelProto, tensors: list[str], groups: list[list
     return merge_partials(partials, tensors, sample_names)
 
 
+def ray_map(workers: int, address: str | None = None) -> Callable:
+    """A mapper for independent evaluations (sensitivity's one per layer): `fn` shipped once to the object store,
+    one Ray task per item (one CPU each), results in item order."""
+
+    def mapper(fn: Callable, items: list, description: str) -> list:
+        ray = import_ray()
+        init_ray(ray, address, workers)
+        task = ray.remote(num_cpus=1)(_apply)
+        shared = ray.put(fn)
+        refs = [task.remote(shared, item) for item in items]
+        index = {ref: i for i, ref in enumerate(refs)}
+        out, pending = [None] * len(refs), list(refs)
+        with progress_bar(f"{description} on Ray", len(refs)) as advance:
+            while pending:
+                ready, pending = ray.wait(pending, num_returns=1)
+                out[index[ready[0]]] = ray.get(ready[0])
+                advance()
+        return out
+
+    return mapper
+
+
+def _apply(fn: Callable, item):
+    return fn(item)
+
+
 def init_ray(ray, address: str | None, workers: int) -> None:
     if ray.is_initialized():
         return
