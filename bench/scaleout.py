@@ -33,7 +33,7 @@ sys.path.insert(0, str(REPO))
 from trtglm.calib import data as calib_data  # noqa: E402
 from trtglm.calib.collect import Collector  # noqa: E402
 from trtglm.calib import ray_executor  # noqa: E402
-from trtglm.calib.ray_executor import Partial, collect_on_ray  # noqa: E402
+from trtglm.calib.ray_executor import Partial, collect_on_ray, keep_rows  # noqa: E402
 from trtglm.calib.rows import RowSample  # noqa: E402
 from trtglm.calib.search import wants_rows  # noqa: E402
 from trtglm.passes import DEFAULT_PIPELINE, PassContext, run_passes  # noqa: E402
@@ -105,7 +105,8 @@ def main() -> int:
         print(f"one shard's statistics for the driver: {s['batches']:3d} batches ({s['samples']:4d} samples) -> "
               f"{s['bytes'] / 2**20:.2f} MiB for {len(tensors)} tensors (per tensor: median "
               f"{s['median_tensor_bytes'] / 2**20:.2f} MiB, max {s['max_tensor_bytes'] / 2**20:.2f} MiB: histogram "
-              f"16 KiB + up to 1024 sampled rows)")
+              f"16 KiB + up to 1024 sampled rows); sent with 2 / 8 / 64 shards: "
+              f"{' / '.join(f'{v / 2**20:.1f}' for v in s['sent_bytes_by_shards'].values())} MiB")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"samples": n, "batch": BATCH, "tensors": len(tensors), "runs": results,
                                     "ray_2_over_1": two / one, "partial_sizes": sizes}, indent=2) + "\n")
@@ -141,6 +142,8 @@ def _same(a, b) -> bool:
 
 
 def _partial_sizes(model, tensors, rows, data, groups) -> list[dict]:
+    """Bytes of one shard's partial for shards of 1, 4 and 16 batches, with its full row samples and truncated
+    to what a shard sends when there are 2, 8 or 64 shards (keep_rows)."""
     collector = Collector(model, tensors, {r: RowSample(r) for r in rows}, threads=0)
     sizes = []
     for count in (1, 4, 16):
@@ -148,8 +151,13 @@ def _partial_sizes(model, tensors, rows, data, groups) -> list[dict]:
             collector.add(index, data.batch(group))
         stats, samples = collector.take()
         per_tensor = [len(pickle.dumps((stats[t], samples.get(t)))) for t in stats]
+        sent = {}
+        for shards in (2, 8, 64):
+            cut = {n: s.truncated(keep_rows(s.capacity, shards))[0] for n, s in samples.items()}
+            sent[shards] = len(pickle.dumps(Partial(0, stats, cut)))
         sizes.append({"batches": count, "samples": count * BATCH, "bytes": len(pickle.dumps(Partial(0, stats, samples))),
-                      "max_tensor_bytes": max(per_tensor), "median_tensor_bytes": float(np.median(per_tensor))})
+                      "max_tensor_bytes": max(per_tensor), "median_tensor_bytes": float(np.median(per_tensor)),
+                      "sent_bytes_by_shards": sent})
     return sizes
 
 

@@ -150,3 +150,60 @@ def test_build_matrix_without_gpus_names_the_kinds_within_its_timeout_and_keeps_
                            "0 GPU(s)", "model.int8.qdq.onnx")
     assert (tmp_path / "o" / "model.int8.qdq.onnx").is_file()
     assert not any((tmp_path / "o" / kind).exists() for kind in ("A100", "H100", "L4"))
+
+
+def test_truncated_shard_samples_merge_exactly_or_say_which_shards_to_redo():
+    """Each shard sends only its share of the row sample (plus a margin); the driver checks that nothing it needed
+    was left out, and names the shards to send again in full when something was."""
+    from trtglm.calib.ray_executor import inexact_shards, keep_rows
+
+    rng = np.random.default_rng(5)
+    batches = [rng.standard_normal((50, 8)).astype(np.float32) for _ in range(40)]
+    whole = RowSample("t", 128)
+    for i, b in enumerate(batches):
+        whole.update(b, i)
+    parts = np.array_split(np.arange(40), 4)
+    for keep, exact in ((keep_rows(128, 4), True), (5, False)):
+        partials = []
+        for shard, part in enumerate(parts):
+            sample = RowSample("t", 128)
+            for i in part:
+                sample.update(batches[i], int(i))
+            cut, bound = sample.truncated(keep)
+            partials.append(Partial(shard, {}, {"t": cut}, bounds={"t": bound}))
+        merged = partials[0].samples["t"]
+        for p in partials[1:]:
+            merged = merged.merge(p.samples["t"])
+        redo = inexact_shards(partials, {"t": merged})
+        assert (redo == []) == exact
+        if exact:
+            np.testing.assert_array_equal(merged.rows, whole.rows)
+        else:  # the named shards, sent in full, make the merge exact
+            for shard in redo:
+                sample = RowSample("t", 128)
+                for i in parts[shard]:
+                    sample.update(batches[i], int(i))
+                partials[shard] = Partial(shard, {}, {"t": sample})
+            merged = partials[0].samples["t"]
+            for p in partials[1:]:
+                merged = merged.merge(p.samples["t"])
+            np.testing.assert_array_equal(merged.rows, whole.rows)
+
+
+def test_collect_on_ray_redoes_shards_whose_truncated_samples_were_too_short(tmp_path, monkeypatch):
+    from trtglm.calib import ray_executor
+
+    model = models.build_cnn_classifier()
+    calib = tmp_path / "calib"
+    calib.mkdir()
+    np.save(calib / "input.npy", np.random.default_rng(1).standard_normal((48, 3, 8, 8)).astype(np.float32))
+    specs = calib_data.input_specs(model)
+    tensors = ["input"] + [n.output[0] for n in model.graph.node if n.op_type == "Relu"]
+    groups = calib_data.open_dataset(calib, specs).groups(list(range(48)), 4)
+    opener = lambda: calib_data.open_dataset(calib, specs)  # noqa: E731
+    calm = collect_on_ray(model, tensors, groups, opener, tensors, 2)
+    monkeypatch.setattr(ray_executor, "keep_rows", lambda capacity, shards: 3)  # far too few: the merge must notice
+    short = collect_on_ray(model, tensors, groups, opener, tensors, 2)
+    for name in tensors:
+        np.testing.assert_array_equal(short[1][name].rows, calm[1][name].rows)
+        np.testing.assert_array_equal(short[0][name].hist, calm[0][name].hist)

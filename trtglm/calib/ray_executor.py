@@ -29,7 +29,7 @@ from trtglm.calib.stats import TensorStats
 from trtglm.errors import ConfigError, TrtglmError
 
 LAST_PARTIALS: list = []  # (shard, worker pid, started, finished) of the last run, for bench/scaleout.py
-SHARDS_PER_WORKER = 1  # one shard per actor: each shard sends its row samples (MBs) whatever its size
+SHARDS_PER_WORKER = 1  # one shard per actor: each shard sends its share of the row samples whatever its size
 
 
 @dataclass(frozen=True)
@@ -40,6 +40,15 @@ class Partial:
     worker: int = 0  # the process that computed it, and when (wall clock): where the time goes
     started: float = 0.0
     finished: float = 0.0
+    bounds: dict[str, int] | None = None  # tensor -> key below which this shard's sample is complete (truncated)
+
+
+def keep_rows(capacity: int, shards: int) -> int:
+    """Rows of its sample a shard sends: its expected share of the final sample plus a wide margin (6 standard
+    deviations), so that the merge almost never needs a row a shard left out (and when it does, it is detected and
+    those shards are calibrated again in full)."""
+    share = capacity / max(shards, 1)
+    return min(capacity, int(np.ceil(share + 6 * np.sqrt(share) + 16)))
 
 
 def shard_groups(groups: list[list[int]], shards: int) -> list[list[tuple[int, list[int]]]]:
@@ -65,12 +74,24 @@ def merge_partials(partials: list[Partial], tensors: list[str],
     return stats, samples
 
 
+def inexact_shards(partials: list[Partial], samples: dict[str, RowSample]) -> list[int]:
+    """Shards whose truncated samples may have left out a row of the merged sample: the merged sample is exact
+    iff it is full and its largest key is below every truncated shard's bound."""
+    bad = set()
+    for p in partials:
+        for name, bound in (p.bounds or {}).items():
+            merged = samples[name]
+            if bound is not None and (len(merged.keys) < merged.capacity or int(merged.keys[-1]) >= bound):
+                bad.add(p.shard)
+    return sorted(bad)
+
+
 class ShardCalibrator:
     """A Ray Data actor: the model's session and the calibration data, opened once; one shard per call."""
 
     def __init__(self, model: bytes, tensors: list[str], sample_names: list[str], open_data: Callable,
-                 threads: int = 1):
-        self.data = open_data()
+                 keep: int | None = None, threads: int = 1):
+        self.data, self.keep = open_data(), keep
         self.collector = Collector(onnx.load_from_string(model), tensors, {n: RowSample(n) for n in sample_names},
                                    threads=threads)
 
@@ -81,7 +102,11 @@ class ShardCalibrator:
             for index, group in pickle.loads(payload):
                 self.collector.add(index, self.data.batch(group))
             stats, samples = self.collector.take()
-            out.append(pickle.dumps(Partial(int(shard), stats, samples, os.getpid(), started, time.time())))
+            bounds = None
+            if self.keep is not None:
+                cut = {n: sample.truncated(self.keep) for n, sample in samples.items()}
+                samples, bounds = {n: c[0] for n, c in cut.items()}, {n: c[1] for n, c in cut.items()}
+            out.append(pickle.dumps(Partial(int(shard), stats, samples, os.getpid(), started, time.time(), bounds)))
         return {"shard": np.asarray(rows["shard"]), "partial": np.asarray(out, dtype=object)}
 
 
@@ -94,25 +119,40 @@ def collect_on_ray(model: onnx.ModelProto, tensors: list[str], groups: list[list
         raise ConfigError(f"--workers {workers}: give at least 1")
     init_ray(ray, address, workers)
     shards = shard_groups(groups, workers * SHARDS_PER_WORKER)
-    items = [{"shard": k, "batches": pickle.dumps(shard)} for k, shard in enumerate(shards)]
-    # Ray Data's actor pools restart a dead actor and retry its task by default (max_restarts and
-    # max_task_retries -1): a retried shard may reach the driver twice, and merge_partials keeps one copy.
-    dataset = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(  # a block per shard
-        ShardCalibrator, fn_constructor_args=(model.SerializeToString(), tensors, sample_names, open_data),
-        batch_size=1, num_cpus=1,
-        # one shard at a time per actor: otherwise the first actor up queues several and the others idle
-        compute=ray.data.ActorPoolStrategy(size=workers, max_tasks_in_flight_per_actor=1))
-    partials = []
-    with progress_bar(description, len(shards)) as advance:
-        for row in dataset.iter_rows():
-            partials.append(pickle.loads(row["partial"]))
-            advance()
+    capacity = RowSample("").capacity
+    partials = _run_shards(ray, model, tensors, sample_names, open_data, dict(enumerate(shards)), workers,
+                           keep_rows(capacity, len(shards)), description)
     global LAST_PARTIALS
     LAST_PARTIALS = [(p.shard, p.worker, p.started, p.finished) for p in partials]
     missing = sorted(set(range(len(shards))) - {p.shard for p in partials})
     if missing:
         raise TrtglmError(f"Ray calibration lost shard(s) {missing}: their statistics never arrived")
-    return merge_partials(partials, tensors, sample_names)
+    stats, samples = merge_partials(partials, tensors, sample_names)
+    redo = inexact_shards(partials, samples)
+    if redo:  # a truncated sample left out a row the merge needs: those shards again, sending every sampled row
+        again = _run_shards(ray, model, tensors, sample_names, open_data, {k: shards[k] for k in redo},
+                            min(workers, len(redo)), None, f"{description} (again, {len(redo)} shard(s) in full)")
+        partials = [p for p in partials if p.shard not in redo] + again
+        stats, samples = merge_partials(partials, tensors, sample_names)
+    return stats, samples
+
+
+def _run_shards(ray, model: onnx.ModelProto, tensors: list[str], sample_names: list[str], open_data: Callable,
+                shards: dict[int, list], workers: int, keep: int | None, description: str) -> list[Partial]:
+    items = [{"shard": k, "batches": pickle.dumps(shard)} for k, shard in shards.items()]
+    # Ray Data's actor pools restart a dead actor and retry its task by default (max_restarts and
+    # max_task_retries -1): a retried shard may reach the driver twice, and merge_partials keeps one copy.
+    dataset = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(  # a block per shard
+        ShardCalibrator, fn_constructor_args=(model.SerializeToString(), tensors, sample_names, open_data, keep),
+        batch_size=1, num_cpus=1,
+        # one shard at a time per actor: otherwise the first actor up queues several and the others idle
+        compute=ray.data.ActorPoolStrategy(size=workers, max_tasks_in_flight_per_actor=1))
+    partials = []
+    with progress_bar(description, len(items)) as advance:
+        for row in dataset.iter_rows():
+            partials.append(pickle.loads(row["partial"]))
+            advance()
+    return partials
 
 
 def ray_map(workers: int, address: str | None = None) -> Callable:

@@ -78,6 +78,20 @@ class RowSample:
         keep = first[: self.capacity]
         self._keys, self._rows = keys[: self.capacity], rows[keep]
 
+    def truncated(self, keep: int) -> tuple[RowSample, int | None]:
+        """(the `keep` rows with the smallest keys, bound): every row of this sample whose key is below `bound` is
+        kept; None when nothing was dropped. A worker sends the truncated sample of its shard, and the driver can
+        tell whether the merge is still exact (trtglm.calib.ray_executor)."""
+        out = RowSample(self.name, self.capacity)
+        out.seen, out._width = self.seen, self._width
+        out._keys = self._keys[:keep]
+        out._rows = None if self._rows is None else self._rows[:keep]
+        return out, (int(self._keys[keep]) if len(self._keys) > keep else None)
+
+    @property
+    def keys(self) -> np.ndarray:
+        return self._keys
+
     @property
     def rows(self) -> np.ndarray | None:
         return None if self._rows is None or self._width == -1 else self._rows
