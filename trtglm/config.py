@@ -87,6 +87,7 @@ class BuildConfig:
     executor: str = "local"  # local: in-process | ray: calibration shards on Ray actors (same bytes)
     ray_address: str | None = None  # --executor ray: an existing cluster; None: a local one of `workers` CPUs
     workers: int = 2  # --executor ray: calibration actors (one ONNX Runtime thread each)
+    equalize: bool = False  # cross-layer equalization of Conv -> ReLU -> Conv pairs (after BatchNorm folding)
     plugin_ops: bool = False  # also write the model with trtglm's plugin ops (TensorRT only), checked via its fallback
     engine: EngineOptions = field(default_factory=EngineOptions)
 

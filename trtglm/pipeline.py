@@ -31,6 +31,7 @@ from trtglm.errors import ConfigError, ModelError, TrtglmError
 from trtglm.passes import DEFAULT_PIPELINE, PassContext, fusion_summary, run_passes
 from trtglm.passes.insert_qdq import QUANTIZED_OPS, QdqPlan, insert_qdq, plan_qdq
 from trtglm.passes.convert_fp16 import convert_fp16
+from trtglm.passes.equalize import equalize
 from trtglm.passes.kv_cache import cache_pairs, quantize_kv_cache
 from trtglm.passes.plugin_ops import DOMAIN as PLUGIN_DOMAIN
 from trtglm.passes.plugin_ops import from_plugin_ops, to_plugin_ops
@@ -117,7 +118,7 @@ def build(cfg: BuildConfig, console=None) -> dict:
         with timer.stage("passes"):
             graph = gs.import_onnx(original)
             ctx = PassContext(opset=_opset(original), attention=cfg.attention)
-            pass_counts = run_passes(graph, DEFAULT_PIPELINE, ctx)
+            pass_counts = run_passes(graph, DEFAULT_PIPELINE + ((equalize,) if cfg.equalize else ()), ctx)
             fusions = fusion_summary(graph, pass_counts, ctx)
             fp32 = _export(graph, original)
             pinned = _quant_config(cfg, graph)

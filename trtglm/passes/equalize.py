@@ -1,0 +1,122 @@
+"""Cross-layer equalization (Nagel et al., "Data-Free Quantization Through Weight Equalization and Bias Correction",
+2019) of consecutive convolutions joined by a positively homogeneous activation.
+
+Why: after BatchNorm folding, the per-output-channel weight ranges of a convolution (a depthwise one above all)
+can differ by orders of magnitude: a BatchNorm channel with near-zero variance multiplies its weights by 20-60.
+Per-channel INT8 weights cope with that, but the activation between the two layers is quantized per tensor, and
+its small channels drown in the large ones' step. For W1 -> f -> W2 with f(s x) = s f(x) for s > 0 (ReLU, the
+identity, LeakyReLU), scaling output channel i of W1 (and its bias) by 1/s_i and input channel i of W2 by s_i keeps
+the function; s_i = sqrt(r1_i / r2_i), with r1_i and r2_i the channel's ranges in W1 and W2, makes both ranges
+sqrt(r1_i r2_i). Chains (conv -> depthwise -> conv) are equalized pair by pair, over a few sweeps.
+
+Not homogeneous, so skipped and logged: ReLU6 / Clip with a finite upper bound (the bound would have to become
+per-channel), and anything else between the layers. A channel whose range is zero in either layer (dead, or a
+BatchNorm with zero gamma) keeps s_i = 1: nothing is ever divided by zero. The FP32 function changes only by
+float rounding (tests: <= 1e-4 relative).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from trtglm.passes.match import constant_value, single_consumer
+
+if TYPE_CHECKING:
+    from trtglm.passes import PassContext
+
+HOMOGENEOUS = ("Relu", "LeakyRelu")
+SWEEPS = 8  # conv -> depthwise -> conv chains settle in a few sweeps; each sweep leaves the function unchanged
+
+
+def equalize(graph: gs.Graph, ctx: PassContext) -> int:
+    """Equalize every matching Conv -> [activation] -> Conv pair; returns the number of pairs equalized."""
+    outputs = {id(t) for t in graph.outputs}
+    pairs, logged = [], set()
+    for conv1 in [n for n in graph.nodes if n.op == "Conv"]:
+        pair = _pair(conv1, outputs)
+        if isinstance(pair, str):
+            if pair and conv1.name not in logged:
+                ctx.log.append(f"equalize: '{conv1.name}' skipped: {pair}")
+                logged.add(conv1.name)
+            continue
+        pairs.append(pair)
+    for _ in range(SWEEPS):
+        for conv1, conv2 in pairs:
+            _equalize_pair(conv1, conv2)
+    for conv1, conv2 in pairs:
+        ctx.log.append(f"equalize: '{conv1.name}' -> '{conv2.name}'")
+    return len(pairs)
+
+
+def _pair(conv1: gs.Node, outputs: set[int]) -> tuple[gs.Node, gs.Node] | str:
+    """(conv1, conv2) when conv1's output reaches only conv2's data input, through at most one homogeneous
+    activation; else why not ('' when there is simply no convolution after it)."""
+    if not _own_initializers(conv1):
+        return "its weights are not initializers of its own (computed, or shared with another node)"
+    nxt = single_consumer(conv1.outputs[0], outputs)
+    if nxt is None:
+        return ""
+    if nxt.op == "Clip":
+        low = constant_value(nxt.inputs[1]) if len(nxt.inputs) > 1 and not nxt.inputs[1].is_empty() \
+            else nxt.attrs.get("min")  # inputs from opset 11, attributes before
+        high = (len(nxt.inputs) > 2 and not nxt.inputs[2].is_empty()) or np.isfinite(nxt.attrs.get("max", np.inf))
+        if high:
+            return "the Clip (ReLU6) after it is not positively homogeneous (its upper bound would become per-channel)"
+        if low is not None and float(low) not in (0.0, -np.inf):
+            return "the Clip after it does not clip at 0"
+        act, conv2 = nxt, single_consumer(nxt.outputs[0], outputs)
+    elif nxt.op in HOMOGENEOUS:
+        act, conv2 = nxt, single_consumer(nxt.outputs[0], outputs)
+    else:
+        act, conv2 = None, nxt
+    if conv2 is None or conv2.op != "Conv":
+        return "" if act is None else f"its {act.op} does not feed one Conv"
+    if conv2.inputs[0] is not (act.outputs[0] if act is not None else conv1.outputs[0]):
+        return "the next Conv reads it as weights"
+    if not _own_initializers(conv2, bias=False):
+        return f"the weights of '{conv2.name}' are not initializers of its own"
+    return conv1, conv2
+
+
+def _own_initializers(conv: gs.Node, bias: bool = True) -> bool:
+    """The weight (and bias) are initializers that only this node reads: they can be rewritten in place."""
+    tensors = conv.inputs[1:3] if bias else conv.inputs[1:2]
+    return all(isinstance(t, gs.Constant) and len(t.outputs) == 1 for t in tensors if not t.is_empty())
+
+
+def _equalize_pair(conv1: gs.Node, conv2: gs.Node) -> None:
+    w1 = np.asarray(constant_value(conv1.inputs[1]), dtype=np.float64)
+    w2 = np.asarray(constant_value(conv2.inputs[1]), dtype=np.float64)
+    channels = w1.shape[0]
+    group = int(conv2.attrs.get("group", 1))
+    per_group_in = w2.shape[1]
+    if per_group_in * group != channels:
+        return  # shapes do not line up (cannot happen in a valid graph); leave the pair alone
+    out_per_group = w2.shape[0] // group
+    r1 = np.abs(w1.reshape(channels, -1)).max(axis=1)
+    r2 = np.zeros(channels)
+    for i in range(channels):  # input channel i of conv2: its group's output channels, column i % per_group_in
+        g = i // per_group_in
+        r2[i] = np.abs(w2[g * out_per_group:(g + 1) * out_per_group, i % per_group_in]).max()
+    s = np.ones(channels)
+    live = (r1 > 0) & (r2 > 0)
+    s[live] = np.sqrt(r1[live] / r2[live])
+    if np.allclose(s, 1.0, rtol=1e-9, atol=0):
+        return
+    w1 = w1 / s.reshape((-1,) + (1,) * (w1.ndim - 1))
+    for i in range(channels):
+        g = i // per_group_in
+        w2[g * out_per_group:(g + 1) * out_per_group, i % per_group_in] *= s[i]
+    _set(conv1.inputs, 1, w1)
+    _set(conv2.inputs, 1, w2)
+    if len(conv1.inputs) > 2 and not conv1.inputs[2].is_empty():
+        _set(conv1.inputs, 2, np.asarray(constant_value(conv1.inputs[2]), dtype=np.float64) / s)
+
+
+def _set(inputs: list[gs.Tensor], index: int, value: np.ndarray) -> None:
+    """Rewrite an initializer only this node reads, keeping its name and dtype."""
+    tensor = inputs[index]
+    tensor.values = value.astype(np.asarray(tensor.values).dtype)
