@@ -41,6 +41,7 @@
 // vector width of 1, 8 values in registers); the row is read once and kept in registers; fp32 sums with
 // xor-shuffles, then one shared float per warp, double-buffered so each reduction costs one __syncthreads; mean and
 // variance divide by hidden with an IEEE division (the rest may use --use_fast_math: rsqrtf is approximate).
+#include "common/convert.cuh"
 #include "common/kernels.h"
 
 #include <cuda_bf16.h>
@@ -59,68 +60,6 @@ constexpr int kWarp = 32;
 constexpr int kMaxThreads = 1024;
 constexpr int kCapacity = 16;      // fp32 values of a row each thread keeps in registers
 constexpr int kMaxWarps = kMaxThreads / kWarp;
-
-template <typename T, int N>
-struct alignas(sizeof(T) * N) Pack
-{
-    T v[N];
-};
-
-__device__ __forceinline__ float toFloat(float x)
-{
-    return x;
-}
-__device__ __forceinline__ float toFloat(__half x)
-{
-    return __half2float(x);
-}
-__device__ __forceinline__ float toFloat(__nv_bfloat16 x)
-{
-    return __bfloat162float(x);
-}
-
-template <typename T>
-__device__ __forceinline__ T fromFloat(float x);
-template <>
-__device__ __forceinline__ float fromFloat<float>(float x)
-{
-    return x;
-}
-template <>
-__device__ __forceinline__ __half fromFloat<__half>(float x)
-{
-    return __float2half_rn(x);
-}
-template <>
-__device__ __forceinline__ __nv_bfloat16 fromFloat<__nv_bfloat16>(float x)
-{
-    return __float2bfloat16_rn(x);
-}
-template <>
-__device__ __forceinline__ int8_t fromFloat<int8_t>(float x)
-{
-    // cvt.rni: round half to even (NaN -> 0), then saturate to int8.
-    return static_cast<int8_t>(min(max(__float2int_rn(x), -128), 127));
-}
-
-template <int N, typename T>
-__device__ __forceinline__ void load(T const* p, float (&f)[N])
-{
-    Pack<T, N> const pk = *reinterpret_cast<Pack<T, N> const*>(p);
-#pragma unroll
-    for (int e = 0; e < N; ++e)
-        f[e] = toFloat(pk.v[e]);
-}
-
-template <int N, typename T>
-__device__ __forceinline__ void store(T* p, float const (&f)[N])
-{
-    Pack<T, N> pk;
-#pragma unroll
-    for (int e = 0; e < N; ++e)
-        pk.v[e] = fromFloat<T>(f[e]);
-    *reinterpret_cast<Pack<T, N>*>(p) = pk;
-}
 
 __device__ __forceinline__ float warpSum(float v)
 {
@@ -206,14 +145,14 @@ __device__ __forceinline__ void storeRow(T const* __restrict__ gamma, T const* _
     int64_t at, int col, Pack<T, V> const& x, float mean, float rstd, float inv_scale)
 {
     float g[V], y[V];
-    load<V>(gamma + col, g);
+    load<true, V>(gamma + col, g);
 #pragma unroll
     for (int e = 0; e < V; ++e)
         y[e] = (kLayer ? toFloat(x.v[e]) - mean : toFloat(x.v[e])) * rstd * g[e];
     if (kLayer && beta != nullptr)
     {
         float b[V];
-        load<V>(beta + col, b);
+        load<true, V>(beta + col, b);
 #pragma unroll
         for (int e = 0; e < V; ++e)
             y[e] += b[e];
@@ -224,7 +163,7 @@ __device__ __forceinline__ void storeRow(T const* __restrict__ gamma, T const* _
         for (int e = 0; e < V; ++e)
             y[e] *= inv_scale;
     }
-    store<V>(out + at, y);
+    store<true, V>(out + at, y);
 }
 
 // Rows blockIdx.x * blockDim.y + threadIdx.y, striding by gridDim.x * blockDim.y; V: elements per access.

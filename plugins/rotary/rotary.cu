@@ -29,6 +29,7 @@
 // Vector accesses need head_dim % W == 0, (rotary_dim / 2) % (W / 2) == 0 (interleaved) or % W == 0 (halves), and
 // 16-byte aligned pointers; otherwise the same code runs per pair / element.
 // Index math in 32 bits when the work fits (it always does for real models), else 64 bits.
+#include "common/convert.cuh"
 #include "common/kernels.h"
 
 #include <cuda_bf16.h>
@@ -42,81 +43,6 @@ namespace rotary
 {
 
 constexpr int kThreads = 256;
-
-template <typename T, int N>
-struct alignas(sizeof(T) * N) Pack
-{
-    T v[N];
-};
-
-__device__ __forceinline__ float toFloat(float x)
-{
-    return x;
-}
-__device__ __forceinline__ float toFloat(__half x)
-{
-    return __half2float(x);
-}
-__device__ __forceinline__ float toFloat(__nv_bfloat16 x)
-{
-    return __bfloat162float(x);
-}
-
-template <typename T>
-__device__ __forceinline__ T fromFloat(float x);
-template <>
-__device__ __forceinline__ float fromFloat<float>(float x)
-{
-    return x;
-}
-template <>
-__device__ __forceinline__ __half fromFloat<__half>(float x)
-{
-    return __float2half_rn(x);
-}
-template <>
-__device__ __forceinline__ __nv_bfloat16 fromFloat<__nv_bfloat16>(float x)
-{
-    return __float2bfloat16_rn(x);
-}
-
-// N elements of T at p: one access of N * sizeof(T) bytes (<= 16) when kVector, else N scalar accesses.
-template <bool kVector, int N, typename T>
-__device__ __forceinline__ void load(T const* p, float (&f)[N])
-{
-    if constexpr (kVector)
-    {
-        Pack<T, N> const pk = *reinterpret_cast<Pack<T, N> const*>(p);
-#pragma unroll
-        for (int e = 0; e < N; ++e)
-            f[e] = toFloat(pk.v[e]);
-    }
-    else
-    {
-#pragma unroll
-        for (int e = 0; e < N; ++e)
-            f[e] = toFloat(p[e]);
-    }
-}
-
-template <bool kVector, int N, typename T>
-__device__ __forceinline__ void store(T* p, float const (&f)[N])
-{
-    if constexpr (kVector)
-    {
-        Pack<T, N> pk;
-#pragma unroll
-        for (int e = 0; e < N; ++e)
-            pk.v[e] = fromFloat<T>(f[e]);
-        *reinterpret_cast<Pack<T, N>*>(p) = pk;
-    }
-    else
-    {
-#pragma unroll
-        for (int e = 0; e < N; ++e)
-            p[e] = fromFloat<T>(f[e]);
-    }
-}
 
 // N fp32 values of the read-only cos/sin tables: float4 / float2 accesses when kVector (N a multiple of 4, or 2).
 template <bool kVector, int N>

@@ -48,7 +48,8 @@ def compile_ptx(op: str, arch: str = "sm_80", cache: Path | None = None) -> str:
     compiler = nvcc()
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout
     digest = hashlib.sha256()
-    for path in sorted([source, *(SOURCES / "common").glob("*.h"), *source.parent.glob("*.cuh")]):
+    for path in sorted([source, *(SOURCES / "common").glob("*.h"), *(SOURCES / "common").glob("*.cuh"),
+                         *source.parent.glob("*.cuh")]):
         digest.update(path.name.encode() + b"\0" + path.read_bytes())
     digest.update(f"{arch}\0{version}\0{' '.join(NVCC_FLAGS)}".encode())
     cache = Path(cache or os.environ.get("TRTGLM_CACHE", Path.home() / ".cache" / "trtglm")) / "ptx"
