@@ -145,7 +145,7 @@ def build(cfg: BuildConfig, console=None) -> dict:
                         rows = search.wants_rows(graph, plan.activations, policy.keep_float) if searching else []
                         if cfg.executor == "ray":
                             return collect_on_ray(model, plan.activations, calib_set.groups(calib_idx, cfg.batch_size),
-                                                  partial(_open_data, cfg, specs), rows, cfg.workers,
+                                                  partial(_open_data, cfg, specs, False), rows, cfg.workers,
                                                   cfg.ray_address, f"{description} on Ray")
                         samples = {n: RowSample(n) for n in rows}
                         return collect(model, plan.activations, calib_set.batches(calib_idx, cfg.batch_size),
@@ -327,21 +327,21 @@ def _check_not_quantized(model: onnx.ModelProto, path: Path) -> None:
                          "give trtglm the FP32 model")
 
 
-def _open_data(cfg: BuildConfig, specs):
+def _open_data(cfg: BuildConfig, specs, check: bool = True):
     if cfg.calib_cache is not None:
         if not cfg.calib_cache.is_file():
             raise ConfigError(f"--calib-cache {cfg.calib_cache}: file not found")
         return None
     if not cfg.static_int8 and cfg.calib is None and cfg.calib_script is None:
         return None
-    return _dataset(cfg, cfg.calib, specs, "calibration")
+    return _dataset(cfg, cfg.calib, specs, "calibration", check)
 
 
-def _dataset(cfg: BuildConfig, path: Path | None, specs, what: str):
+def _dataset(cfg: BuildConfig, path: Path | None, specs, what: str, check: bool = True):
     if cfg.tokenizer is not None and path is not None:
         return open_text_dataset(path, cfg.tokenizer, cfg.max_seq, specs, what)
     return calib_data.open_dataset(path, specs, preprocess=cfg.preprocess,
-                                   script=cfg.calib_script if what == "calibration" else None, what=what)
+                                   script=cfg.calib_script if what == "calibration" else None, what=what, check=check)
 
 
 def _eval_split(cfg: BuildConfig, specs, calib_set):

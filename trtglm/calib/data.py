@@ -93,8 +93,10 @@ def split(n: int, eval_fraction: float = 0.2, seed: int = 0) -> tuple[list[int],
 
 
 def open_dataset(path: Path | None, specs: list[InputSpec], preprocess: str | None = None,
-                 script: str | None = None, what: str = "calibration") -> Dataset:
-    """Detect the layout of `path` (or load `script`) and validate every file against `specs`."""
+                 script: str | None = None, what: str = "calibration", check: bool = True) -> Dataset:
+    """Detect the layout of `path` (or load `script`) and validate every file against `specs`. check=False skips
+    the passes that read every sample (NaN/Inf scans, per-file checks): for a worker re-opening data the driver has
+    already validated (--executor ray)."""
     if script is not None:
         return _script_dataset(script, specs, what)
     if path is None:
@@ -114,11 +116,11 @@ def open_dataset(path: Path | None, specs: list[InputSpec], preprocess: str | No
     if preprocess is not None and kinds[0] != "image":
         raise ConfigError(f"--preprocess applies to image directories; {path}/ holds {kinds[0]} files")
     if kinds[0] == "npy":
-        return _npy_dataset(path, by["npy"], specs, what)
+        return _npy_dataset(path, by["npy"], specs, what, check)
     if kinds[0] == "npz":
         units = [(f"{what} sample {p}", p) for p in by["npz"]]
-        return _batch_dataset(f"{len(units)} .npz batches from {path}/", specs, units)
-    return _image_dataset(path, by["image"], specs, preprocess, what)
+        return _batch_dataset(f"{len(units)} .npz batches from {path}/", specs, units, check)
+    return _image_dataset(path, by["image"], specs, preprocess, what, check)
 
 
 def _fmt(shape) -> str:
@@ -188,7 +190,7 @@ def _read(path: Path, where: str):
         raise DataError(f"{where}: unreadable {path.suffix} file ({_first_line(e)})") from e
 
 
-def _npy_dataset(root: Path, files: list[Path], specs: list[InputSpec], what: str) -> Dataset:
+def _npy_dataset(root: Path, files: list[Path], specs: list[InputSpec], what: str, check: bool = True) -> Dataset:
     """Header (dtype, shape) checks through mmap first, then a chunked NaN/Inf scan."""
     where, names = f"{what} directory {root}/", [p.stem for p in files]
     _check_names(names, specs, where, suffix=".npy")
@@ -204,7 +206,7 @@ def _npy_dataset(root: Path, files: list[Path], specs: list[InputSpec], what: st
                         f"({', '.join(f'{k}.npy: {v}' for k, v in counts.items())})")
     n = counts[specs[0].name]
     labels = _labels_file(root, n, what)
-    for s in specs:
+    for s in specs if check else ():
         a, step = arrays[s.name], max(1, (64 << 20) // max(1, arrays[s.name][:1].nbytes))  # 64 MiB chunks
         for start in range(0, n, step):
             _check_finite(np.asarray(a[start:start + step]), s.name, f"{what} data {root / (s.name + '.npy')}", start)
@@ -213,14 +215,15 @@ def _npy_dataset(root: Path, files: list[Path], specs: list[InputSpec], what: st
                    per_sample=True)
 
 
-def _batch_dataset(source: str, specs: list[InputSpec], units: list[tuple[str, Path | dict]]) -> Dataset:
+def _batch_dataset(source: str, specs: list[InputSpec], units: list[tuple[str, Path | dict]],
+                   check: bool = True) -> Dataset:
     """Units that are whole batches: .npz files (one in memory at a time) or materialized script items."""
     def unit(i: int) -> dict[str, np.ndarray]:
         where, u = units[i]
         return _read(u, where) if isinstance(u, Path) else u
 
     has = []
-    for i, (where, _) in enumerate(units):
+    for i, (where, _) in enumerate(units if check else ()):  # unchecked: no labels either (calibration needs none)
         arrays = unit(i)
         _check_names(list(arrays), specs, where)
         for s in specs:
@@ -233,7 +236,7 @@ def _batch_dataset(source: str, specs: list[InputSpec], units: list[tuple[str, P
     if any(has) and not all(has):
         raise DataError(f"{units[has.index(False)][0]}: no '{LABELS}' array, but other batches have one")
     return Dataset(source, specs, len(units), lambda g: [unit(g[0])[s.name] for s in specs],
-                   (lambda g: unit(g[0])[LABELS]) if units and all(has) else None)
+                   (lambda g: unit(g[0])[LABELS]) if has and all(has) else None)
 
 
 def _script_dataset(script: str, specs: list[InputSpec], what: str) -> Dataset:
@@ -291,7 +294,7 @@ def parse_preprocess(text: str | None) -> dict:
 
 
 def _image_dataset(root: Path, files: list[Path], specs: list[InputSpec], preprocess: str | None,
-                   what: str) -> Dataset:
+                   what: str, check: bool = True) -> Dataset:
     """Pillow: RGB or L to match the model, resize (shorter side, bilinear), center crop, /255, mean/std."""
     where, pre, s = f"{what} directory {root}/", parse_preprocess(preprocess), specs[0]
     if len(specs) != 1 or len(s.shape) != 4 or s.dtype.kind != "f":
@@ -317,7 +320,7 @@ def _image_dataset(root: Path, files: list[Path], specs: list[InputSpec], prepro
         return (rw, rh), box
 
     first = None
-    for p in files:
+    for p in files if check else ():
         try:
             with Image.open(p) as im:
                 size = im.size
