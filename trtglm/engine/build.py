@@ -99,11 +99,11 @@ def build_engine(onnx_path: Path, engine_path: Path, profiles: list[dict[str, Sh
     trt = _tensorrt()
 
     start = time.perf_counter()
-    logger = _logger(trt)
+    logger = make_logger(trt)
     try:
         builder = trt.Builder(logger)
     except (TypeError, RuntimeError) as e:
-        raise TrtglmError(f"TensorRT could not create a builder ({_last(logger.errors, e)})") from e
+        raise TrtglmError(f"TensorRT could not create a builder ({last_error(logger.errors, e)})") from e
     load_plugins(builder.get_plugin_registry(), plugins, logger)
     implicit = implicit_cache is not None
     if implicit and not hasattr(trt.BuilderFlag, "INT8"):
@@ -128,11 +128,11 @@ def build_engine(onnx_path: Path, engine_path: Path, profiles: list[dict[str, Sh
 
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
-        raise TrtglmError(f"TensorRT could not build an engine from {onnx_path} ({_last(logger.errors)})")
+        raise TrtglmError(f"TensorRT could not build an engine from {onnx_path} ({last_error(logger.errors)})")
     runtime = trt.Runtime(logger)
     engine = runtime.deserialize_cuda_engine(serialized)
     if engine is None:
-        raise TrtglmError(f"TensorRT built {engine_path.name} but cannot load it back ({_last(logger.errors)})")
+        raise TrtglmError(f"TensorRT built {engine_path.name} but cannot load it back ({last_error(logger.errors)})")
     layers = _layers(trt, engine)
     shown_onnx, shown_engine = recorded_as or (onnx_path, engine_path)
     sidecar = {
@@ -198,9 +198,14 @@ def _layers(trt, engine: trt.ICudaEngine) -> list:
 
 
 def _layer_summary(layers: list) -> dict:
-    """How many layers TensorRT runs with INT8 tensors: a record naming an Int8 format or data type. Searched as
-    text because the record schema differs between TensorRT 10 and 11 (the full records are in .layers.json)."""
-    return {"count": len(layers), "int8": sum("int8" in json.dumps(layer).lower() for layer in layers)}
+    return {"count": len(layers), "int8": len(int8_layers(layers))}
+
+
+def int8_layers(layers: list) -> list[str]:
+    """Names of the inspector's layer records that run with INT8 tensors: a record naming an Int8 format or data
+    type. Searched as text because the record schema differs between TensorRT 10 and 11."""
+    return [layer.get("Name", str(layer)) if isinstance(layer, dict) else str(layer)
+            for layer in layers if "int8" in json.dumps(layer).lower()]
 
 
 def env_plugins() -> tuple[Path, ...]:
@@ -222,7 +227,7 @@ def load_plugins(registry: trt.IPluginRegistry, plugins: tuple[Path, ...], logge
         elif path.suffix == ".py":
             _import_module(path)
         elif registry.load_library(str(path)) is None:
-            raise TrtglmError(f"plugin {path}: TensorRT could not load it ({_last(logger.errors)})")
+            raise TrtglmError(f"plugin {path}: TensorRT could not load it ({last_error(logger.errors)})")
 
 
 def _import_module(path: Path) -> None:
@@ -270,7 +275,7 @@ def _parse(trt, builder: trt.Builder, logger, onnx_path: Path, strongly_typed: b
             error = parser.get_error(i)
             node = f"node {error.node()} '{error.node_name()}' ({error.node_operator()}): " if error.node() >= 0 else ""
             problems.append(f"{node}{error.desc()}")
-        raise ModelError(f"TensorRT's ONNX parser rejected {onnx_path}: {'; '.join(problems) or _last(logger.errors)}")
+        raise ModelError(f"TensorRT's ONNX parser rejected {onnx_path}: {'; '.join(problems) or last_error(logger.errors)}")
     return network, parser
 
 
@@ -285,7 +290,7 @@ def _add_profiles(trt, builder: trt.Builder, config: trt.IBuilderConfig, network
                                   f"(it has {', '.join(inputs)})")
             profile.set_shape(name, trt.Dims(p.min), trt.Dims(p.opt), trt.Dims(p.max))
         if config.add_optimization_profile(profile) < 0:
-            raise ConfigError(f"profile {k}: TensorRT rejected it ({_last(logger.errors)})")
+            raise ConfigError(f"profile {k}: TensorRT rejected it ({last_error(logger.errors)})")
 
 
 def _io(engine: trt.ICudaEngine) -> list[dict]:
@@ -312,7 +317,7 @@ def _network_flags(trt, strongly_typed: bool = True) -> int:
     return 0  # 11.x: every network is strongly typed, the flag is deprecated and ignored
 
 
-def _logger(trt) -> trt.ILogger:
+def make_logger(trt) -> trt.ILogger:
     """A TensorRT logger that keeps error messages (for one-line errors) and sends warnings to Python logging."""
 
     class _Logger(trt.ILogger):
@@ -329,6 +334,6 @@ def _logger(trt) -> trt.ILogger:
     return _Logger()
 
 
-def _last(errors: list[str], exc: Exception | None = None) -> str:
+def last_error(errors: list[str], exc: Exception | None = None) -> str:
     text = errors[-1] if errors else (str(exc) if exc else "no error message; rerun with --debug for TensorRT's log")
     return " ".join(text.split())

@@ -26,7 +26,7 @@ from polygraphy.comparator import Comparator, SimpleCompareFunc
 from polygraphy.logger import G_LOGGER
 
 from trtglm import runtime
-from trtglm.engine.build import layers_path, load_plugins, read_sidecar, tensorrt_status
+from trtglm.engine.build import int8_layers, layers_path, load_plugins, read_sidecar, tensorrt_status
 from trtglm.errors import ConfigError, TrtglmError
 from trtglm.verify import OrtRunner
 
@@ -223,9 +223,7 @@ def _int8_layers_trt(engine: Path) -> list[str]:
     path = layers_path(engine)
     if not path.is_file():
         return []
-    layers = json.loads(path.read_text())
-    return [layer.get("Name", str(layer)) if isinstance(layer, dict) else str(layer)
-            for layer in layers if "int8" in json.dumps(layer).lower()]
+    return int8_layers(json.loads(path.read_text()))
 
 
 def print_result(result: CompareResult, top: int = 10) -> None:

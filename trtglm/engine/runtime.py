@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from trtglm.engine.build import _last, _logger, load_plugins, read_sidecar, tensorrt_status
+from trtglm.engine.build import last_error, load_plugins, make_logger, read_sidecar, tensorrt_status
 from trtglm.errors import ConfigError, DataError, TrtglmError
 
 if TYPE_CHECKING:
@@ -131,14 +131,14 @@ class EngineSession:
 
         self.cudart = _cudart()
         self.sidecar = read_sidecar(self.path)
-        self.logger = _logger(trt)
+        self.logger = make_logger(trt)
         runtime = trt.Runtime(self.logger)
         load_plugins(runtime.get_plugin_registry(),
                      tuple(plugins) + tuple(Path(p) for p in self.sidecar.get("plugins", ())), self.logger)
         engine = runtime.deserialize_cuda_engine(self.path.read_bytes())
         if engine is None:
             raise TrtglmError(f"engine {self.path}: TensorRT cannot load it; it must be built by this TensorRT "
-                              f"version for this GPU ({_last(self.logger.errors)})")
+                              f"version for this GPU ({last_error(self.logger.errors)})")
         self.runtime = runtime
         self.engine = engine
         self.context = engine.create_execution_context()
@@ -231,12 +231,12 @@ class EngineSession:
         if profile != self.profile:
             if not self.context.set_optimization_profile_async(profile, int(self.stream)):
                 raise TrtglmError(f"engine {self.path.name}: cannot select profile {profile} "
-                                  f"({_last(self.logger.errors)})")
+                                  f"({last_error(self.logger.errors)})")
             self.profile = profile
         for name in self.inputs:
             if not self.context.set_input_shape(name, shapes[name]):
                 raise DataError(f"engine {self.path.name}: TensorRT rejects shape {_fmt(shapes[name])} for input "
-                                f"'{name}' ({_last(self.logger.errors)})")
+                                f"'{name}' ({last_error(self.logger.errors)})")
         out = dict(shapes)
         for name in self.outputs:
             shape = tuple(self.context.get_tensor_shape(name))
@@ -265,7 +265,7 @@ class EngineSession:
 
     def _execute(self) -> None:
         if not self.context.execute_async_v3(int(self.stream)):
-            raise TrtglmError(f"engine {self.path.name}: execution failed ({_last(self.logger.errors)})")
+            raise TrtglmError(f"engine {self.path.name}: execution failed ({last_error(self.logger.errors)})")
 
     def _call(self, result, what: str):
         return cuda_check(self.cudart, result, what)
