@@ -105,7 +105,14 @@ def main(ctx: click.Context, debug: bool):
               help="ray: calibration as shards on Ray actors (pip install 'trtglm[ray]'); the same bytes as local.")
 @click.option("--ray-address", help="--executor ray: the cluster to join (default: start a local one).")
 @click.option("--workers", default=2, show_default=True, help="--executor ray: calibration actors.")
-@click.option("--equalize", is_flag=True, help="Cross-layer equalization of Conv -> ReLU -> Conv weight ranges.")
+@click.option("--equalize", is_flag=True, help="Cross-layer equalization of Conv -> ReLU/ReLU6 -> Conv weight ranges.")
+@click.option("--weight-rounding", default="nearest", show_default=True, type=click.Choice(["nearest", "adaround"]),
+              help="adaround: learned up/down rounding per weight, minimizing each layer's output error on the "
+                   "calibration data.")
+@click.option("--bias-correction", default="none", show_default=True,
+              type=click.Choice(["none", "empirical", "analytic"]),
+              help="Fold each quantized layer's expected output shift into its bias: from the calibration data "
+                   "(empirical) or from BatchNorm statistics (analytic, data-free).")
 @click.option("--plugin-ops", is_flag=True,
               help="Also write MODEL.plugins.onnx with trtglm's plugin ops (residual+norm) for TensorRT; the engine "
                    "is built from it (see `trtglm plugins`).")
@@ -113,7 +120,7 @@ def main(ctx: click.Context, debug: bool):
 @click.pass_context
 def build(ctx, model, int8, weight_only, block_size, asymmetric, backend, kv_cache, fp16, attention, tokenizer, max_seq, calib, calib_script, calib_cache, calib_method, percentile, preprocess, eval_,
           exclude, int8_attention, smoothquant, accuracy_budget, quant_config, target, check_tol, batch_size, max_calib_samples, out, out_onnx,
-          executor, ray_address, workers, equalize, plugin_ops, shapes, batch_profile, opt_level, workspace, timing_cache, plugins, implicit_cache):
+          executor, ray_address, workers, equalize, weight_rounding, bias_correction, plugin_ops, shapes, batch_profile, opt_level, workspace, timing_cache, plugins, implicit_cache):
     """Fuse, calibrate and quantize MODEL; verify INT8 against FP32 on ONNX Runtime."""
     from trtglm import pipeline
     from trtglm.config import BuildConfig
@@ -133,7 +140,8 @@ def build(ctx, model, int8, weight_only, block_size, asymmetric, backend, kv_cac
                           target=target, check_tol=check_tol, batch_size=batch_size,
                           max_calib_samples=max_calib_samples, profiles=profiles, batch_profile=batch,
                           engine=engine, plugin_ops=plugin_ops, executor=executor, ray_address=ray_address,
-                          workers=workers, equalize=equalize)
+                          workers=workers, equalize=equalize, weight_rounding=weight_rounding,
+                          bias_correction=bias_correction)
         pipeline.build(cfg)
 
     _run(ctx, go)

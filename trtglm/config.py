@@ -88,6 +88,8 @@ class BuildConfig:
     ray_address: str | None = None  # --executor ray: an existing cluster; None: a local one of `workers` CPUs
     workers: int = 2  # --executor ray: calibration actors (one ONNX Runtime thread each)
     equalize: bool = False  # cross-layer equalization of Conv -> ReLU -> Conv pairs (after BatchNorm folding)
+    weight_rounding: str = "nearest"  # nearest | adaround: learned up/down rounding on the layer's input statistics
+    bias_correction: str = "none"  # none | empirical (calibration data) | analytic (BatchNorm statistics)
     plugin_ops: bool = False  # also write the model with trtglm's plugin ops (TensorRT only), checked via its fallback
     engine: EngineOptions = field(default_factory=EngineOptions)
 
@@ -142,6 +144,16 @@ class BuildConfig:
             raise ConfigError(f"--executor {self.executor!r}: choose local or ray")
         if self.workers < 1:
             raise ConfigError(f"--workers {self.workers}: give at least 1")
+        if self.weight_rounding not in ("nearest", "adaround"):
+            raise ConfigError(f"--weight-rounding {self.weight_rounding!r}: choose nearest or adaround")
+        if self.bias_correction not in ("none", "empirical", "analytic"):
+            raise ConfigError(f"--bias-correction {self.bias_correction!r}: choose none, empirical or analytic")
+        if (self.weight_rounding == "adaround" or self.bias_correction == "empirical") and \
+                (not self.static_int8 or self.calib_cache is not None):
+            raise ConfigError("--weight-rounding adaround and --bias-correction empirical need calibration data and "
+                              "an INT8 build; without data, --bias-correction analytic uses the BatchNorm statistics")
+        if self.bias_correction == "analytic" and not self.static_int8:
+            raise ConfigError("--bias-correction applies to INT8 builds")
         if self.profiles and self.batch_profile is not None:
             raise ConfigError("give the engine's shapes with either --shapes or --batch, not both")
         if self.engine.implicit_cache is not None and self.backend == "onnxruntime":

@@ -23,6 +23,7 @@ from trtglm.calib.methods import Scales, scales_for
 from trtglm.calib.ray_executor import collect_on_ray, ray_map
 from trtglm.calib.rows import RowSample
 from trtglm.calib.text import open_text_dataset
+from trtglm.calib.weight_quant import WeightDecisions, decide_weights
 from trtglm import profiles
 from trtglm.config import BuildConfig, ShapeProfile
 from trtglm.engine.build import AOT_PLUGINS, build_engine, tensorrt_status
@@ -133,6 +134,7 @@ def build(cfg: BuildConfig, console=None) -> dict:
                   + (f"; Q/DQ plan: {len(plan.activations)} activations, {len(plan.weights)} weights" if cfg.static_int8
                      else ""))
         stats, alphas, methods, scales, sens = {}, {}, {}, Scales({}, {}), None
+        decisions = WeightDecisions()
         calibrated = fp32  # the FP32 graph that was calibrated: after SmoothQuant, the smoothed one
         seven_bit_ops = (ORT_SATURATING_OPS if cfg.static_int8 and cfg.target == "ort-cpu" and not runtime.has_vnni()
                          else ())
@@ -169,13 +171,21 @@ def build(cfg: BuildConfig, console=None) -> dict:
                                                  {_smoothed(n, smooth): m for n, m in pinned.method.items()},
                                                  policy.keep_float)
                     scales = scales_for(stats, {n: c.value for n, c in methods.items()}, cfg.percentile)
+            if cfg.weight_rounding != "nearest" or cfg.bias_correction != "none":
+                with timer.stage("weights"):
+                    data = calib_set.batches(calib_idx, cfg.batch_size) if calib_set is not None else None
+                    decisions = decide_weights(graph, calibrated, _quantized_nodes(graph, plan), data, scales.amax,
+                                               cfg.weight_rounding, cfg.bias_correction,
+                                               {op: 63.0 for op in seven_bit_ops}, ctx.normals,
+                                               calib_data.batch_count(calib_set, calib_idx, cfg.batch_size)
+                                               if calib_set is not None else None, ctx.log)
             if cfg.accuracy_budget is not None:
                 with timer.stage("sensitivity"):
                     feeds = list(calib_set.batches(calib_idx[:SENSITIVITY_SAMPLES], cfg.batch_size))
                     sens = sensitivity.analyse(
                         calibrated, sensitivity.linear_layers(graph, _quantized_nodes(graph, plan)),
                         lambda keep: _quantized(calibrated, replace(policy, keep_float=policy.keep_float | keep),
-                                                scales.amax, seven_bit_ops),
+                                                scales.amax, seven_bit_ops, decisions),
                         feeds, cfg.accuracy_budget,
                         ray_map(cfg.workers, cfg.ray_address) if cfg.executor == "ray" else None)
                     policy = replace(policy, keep_float=policy.keep_float | sens.keep_float)
@@ -195,7 +205,8 @@ def build(cfg: BuildConfig, console=None) -> dict:
             model = fp32
             if cfg.static_int8:
                 quant_layers, quant_acts = _decisions(layers, plan, alphas, methods, scales)
-                n_quantized = insert_qdq(graph, plan, scales.amax, seven_bit_ops)  # fp32 was exported: reuse graph
+                n_quantized = insert_qdq(graph, plan, scales.amax, seven_bit_ops,  # fp32 was exported: reuse graph
+                                         decisions.weights, decisions.biases)
                 calib_cache.write_trt_cache(_used(scales, plan.activations), out.cache)
                 quant_config.write(out.quant_config, quant_layers, quant_acts)
             if kv_amax:
@@ -231,7 +242,9 @@ def build(cfg: BuildConfig, console=None) -> dict:
                           n_quantized=n_quantized, seven_bit_ops=seven_bit_ops, comparison=comparison,
                           fp32_rel_err=fp32_rel_err, engine=engine, layers=layers, sensitivity=sens,
                           timings=timer.stages, peak_rss_mb=_peak_rss_mb(), stage_peak_rss_mb=timer.peak_rss_mb,
-                          eval_source=_eval_source(cfg, eval_set, eval_idx))
+                          eval_source=_eval_source(cfg, eval_set, eval_idx),
+                          weight_decisions=decisions.summary(cfg.weight_rounding, cfg.bias_correction)
+                          if decisions.layers else None)
         report.write(rep, stats, scales, out)
     report.print_summary(rep, con)
     if cfg.backend == "tensorrt" and not rep["engine"]["built"]:
@@ -286,10 +299,11 @@ def _quantized_nodes(graph: gs.Graph, plan: QdqPlan) -> list[str]:
     return [n.name for n in graph.nodes if n.op in QUANTIZED_OPS and n.name not in plan.skipped]
 
 
-def _quantized(fp32: onnx.ModelProto, policy, amax: dict, seven_bit_ops) -> onnx.ModelProto:
+def _quantized(fp32: onnx.ModelProto, policy, amax: dict, seven_bit_ops,
+               decisions: WeightDecisions) -> onnx.ModelProto:
     """The INT8 model of `fp32` under `policy` (sensitivity analysis builds one per candidate)."""
     graph = gs.import_onnx(fp32)
-    insert_qdq(graph, plan_qdq(graph, policy), amax, seven_bit_ops)
+    insert_qdq(graph, plan_qdq(graph, policy), amax, seven_bit_ops, decisions.weights, decisions.biases)
     return _export(graph, fp32, min_opset=MIN_QDQ_OPSET)
 
 

@@ -34,7 +34,8 @@ def console() -> Console:
 
 
 def make(*, cfg, artefacts, pass_counts, fusions, pass_log, plan, scales, stats, n_quantized, seven_bit_ops, comparison, fp32_rel_err,
-         engine, layers, sensitivity, timings, peak_rss_mb, stage_peak_rss_mb, eval_source) -> dict:
+         engine, layers, sensitivity, timings, peak_rss_mb, stage_peak_rss_mb, eval_source,
+         weight_decisions=None) -> dict:
     tensors = {}
     for name in sorted(scales.amax):
         row = {"amax": float(scales.amax[name]), "method": scales.method.get(name, "")}
@@ -59,7 +60,8 @@ def make(*, cfg, artefacts, pass_counts, fusions, pass_log, plan, scales, stats,
                          "int8_mac_fraction": round(int8_mac_fraction(layers), 4),
                          "methods": dict(sorted(Counter(scales.method.values()).items())),
                          "smoothed_activations": pass_counts.get("smooth_quant", 0),
-                         "kept_float": dict(sorted(plan.skipped.items()))},
+                         "kept_float": dict(sorted(plan.skipped.items())),
+                         "weight_decisions": weight_decisions},
         "sensitivity": None if sensitivity is None else {
             "budget": sensitivity.budget, "samples": sensitivity.samples,
             "full_int8_error": sensitivity.full_int8_error, "chosen_error": sensitivity.error,
@@ -158,6 +160,14 @@ def print_summary(rep: dict, con: Console) -> None:
             con.print(f"  {fig}: {text}{mark}")
     else:
         con.print("no evaluation data: accuracy not measured")
+    wd = rep["quantization"].get("weight_decisions")
+    if wd:
+        ratio = wd["output_error_vs_nearest"]
+        con.print(f"weights: {wd['weight_rounding']} rounding on {wd['layers']} layers"
+                  + (f" (their output error {ratio:.2f}x nearest rounding's, {wd['rows_improved']} rows changed)"
+                     if ratio is not None else "")
+                  + f"; bias correction {wd['bias_correction']} on {wd['biases_corrected']} layers; "
+                  + ", ".join(f"{k} {v:.1f} s" for k, v in wd["seconds"].items()))
     eng = rep["engine"]
     con.print("TensorRT engine: " + ("built" if eng["built"] else f"not built: {escape(eng['reason'])}"))
     if eng.get("plugin_ops"):
@@ -174,6 +184,7 @@ def print_summary(rep: dict, con: Console) -> None:
 _METRICS = (
     ("top1_accuracy", "top-1 accuracy %", lambda v: f"{v:.2f}"),
     ("top1_agreement", "top-1 agreement %", lambda v: f"{v:.2f}"),
+    ("top5_agreement", "top-5 agreement %", lambda v: f"{v:.2f}"),
     ("cosine", "cosine", lambda v: f"{v:.5f}"),
     ("max_abs_err", "max abs err", lambda v: f"{v:.4g}"),
     ("mean_abs_err", "mean abs err", lambda v: f"{v:.4g}"),

@@ -36,6 +36,7 @@ class _Acc:
     sum_cos: float = 0.0
     n_samples: int = 0
     top1_same: int = 0
+    top5_same: int | None = None  # FP32's top-1 class among the INT8 top-5 (more than 5 classes)
     top1_correct: int = 0
     n_top1: int = 0
 
@@ -49,7 +50,11 @@ class _Acc:
         self.sum_cos += float(cos.sum())
         self.n_samples += cos.shape[0]
         if classify:
-            self.top1_same += int((ref.argmax(-1) == out.argmax(-1)).sum())
+            best = ref.argmax(-1)
+            self.top1_same += int((best == out.argmax(-1)).sum())
+            if ref.shape[-1] > 5:
+                top5 = np.argpartition(-out, 5, axis=-1)[..., :5]
+                self.top5_same = (self.top5_same or 0) + int((top5 == best[..., None]).any(axis=-1).sum())
             self.n_top1 += int(np.prod(ref.shape[:-1]))
             if labels is not None:
                 self.top1_correct += int((out.argmax(-1) == labels).sum())
@@ -59,6 +64,8 @@ class _Acc:
                "cosine": self.sum_cos / max(self.n_samples, 1)}
         if classify:
             row["top1_agreement"] = 100.0 * self.top1_same / max(self.n_top1, 1)
+            if self.top5_same is not None:
+                row["top5_agreement"] = 100.0 * self.top5_same / max(self.n_top1, 1)
             if with_labels:
                 row["top1_accuracy"] = 100.0 * self.top1_correct / max(self.n_top1, 1)
         return row

@@ -1,5 +1,5 @@
-"""Cross-layer equalization on graphs built in code: the function is kept, the ranges equalized, ReLU6 skipped,
-dead channels survive."""
+"""Cross-layer equalization on graphs built in code: the function is kept (ReLU, ReLU6, depthwise), the ranges
+equalized, dead channels survive."""
 
 import numpy as np
 import onnx
@@ -49,10 +49,31 @@ def test_equalization_keeps_the_function_and_equalizes_the_ranges(depthwise):
     assert r1.max() / r1.min() < before.max() / before.min() / 10
 
 
-def test_relu6_is_skipped_and_logged():
-    model = _chain(act="Clip")
+@pytest.mark.parametrize("depthwise", [False, True])
+def test_relu6_pairs_keep_the_function_through_per_channel_bounds(depthwise):
+    """Clip(0, 6) becomes Relu + Min(6 / s): exact even where the activations saturate, which a plain ReLU6 after
+    rescaling would not be."""
+    model = _chain(act="Clip", depthwise=depthwise)
     out, count, log = models.apply_pass(model, equalize)
-    assert count == 0 and any("not positively homogeneous" in line for line in log)
+    assert count == (2 if depthwise else 1), log
+    ops = [n.op_type for n in out.graph.node]
+    assert "Clip" not in ops and ops.count("Min") == count and ops.count("Relu") == count
+    feeds = {k: v * 20 for k, v in models.random_inputs(model, batch=2).items()}  # most channels saturate
+    ref = models.run_ort(model, feeds)
+    assert models.max_rel_err(ref, models.run_ort(out, feeds)) <= 1e-4
+    bounds = [t for t in out.graph.initializer if t.name.endswith("_bound")]
+    assert len(bounds) == count and not np.allclose(numpy_helper.to_array(bounds[0]), 6.0)
+    for t in bounds:  # the same graph with the bounds left at 6 computes something else
+        t.CopyFrom(numpy_helper.from_array(np.full(numpy_helper.to_array(t).shape, 6.0, np.float32), t.name))
+    assert models.max_rel_err(ref, models.run_ort(out, feeds)) > 1e-2
+
+
+def test_a_clip_with_another_lower_bound_is_skipped_and_logged():
+    model = _chain(act="Clip")
+    low = next(t for t in model.graph.initializer if t.name == "clip.min")
+    low.CopyFrom(numpy_helper.from_array(np.array(-1.0, np.float32), low.name))
+    out, count, log = models.apply_pass(model, equalize)
+    assert count == 0 and any("does not clip at 0" in line for line in log)
     np.testing.assert_array_equal(_weights(out)["conv1.weight"], _weights(model)["conv1.weight"])
 
 

@@ -52,11 +52,11 @@ class Collector:
         self.samples = samples or {}
         names = sorted(set(tensors))
         self.stats = {name: TensorStats(name) for name in names}
-        self.inputs = _graph_inputs(model)
+        self.inputs = graph_inputs(model)
         self.from_feeds = [n for n in names if n in self.inputs]
         # ORT's graph rewrites keep every graph output, so the observed tensors survive them; fused kernels only
         # change float rounding, far below a histogram bin, and run calibration about twice as fast.
-        self.session = runtime.session(_with_outputs(model, [n for n in names if n not in self.inputs]),
+        self.session = runtime.session(with_outputs(model, [n for n in names if n not in self.inputs]),
                                        optimize=True, threads=threads)
         self.fetch = [o.name for o in self.session.get_outputs() if o.name in self.stats]
 
@@ -68,7 +68,7 @@ class Collector:
         return taken
 
     def add(self, index: int, batch: dict[str, np.ndarray]) -> None:
-        feeds = _feeds(batch, self.inputs, index)
+        feeds = checked_feeds(batch, self.inputs, index)
         try:
             values = self.session.run(self.fetch, feeds) if self.fetch else []  # run([]) would fetch every output
         except Exception as e:  # ORT raises its own exception types (Fail, InvalidArgument, ...)
@@ -91,13 +91,13 @@ def progress_bar(description: str, total: int | None):
         yield lambda: progress.advance(task)
 
 
-def _graph_inputs(model: onnx.ModelProto) -> dict[str, onnx.ValueInfoProto]:
+def graph_inputs(model: onnx.ModelProto) -> dict[str, onnx.ValueInfoProto]:
     """The inputs that must be fed (initializers listed as inputs are weights, not data)."""
     weights = {t.name for t in model.graph.initializer}
     return {v.name: v for v in model.graph.input if v.name not in weights}
 
 
-def _with_outputs(model: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
+def with_outputs(model: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
     """A copy of `model` whose graph outputs include `names` (which must be float, non-constant tensors)."""
     copy = onnx.ModelProto()
     copy.CopyFrom(model)
@@ -139,7 +139,7 @@ def _declared_types(graph: onnx.GraphProto) -> dict[str, int]:
     return types
 
 
-def _feeds(batch: dict[str, np.ndarray], inputs: dict[str, onnx.ValueInfoProto], index: int) -> dict:
+def checked_feeds(batch: dict[str, np.ndarray], inputs: dict[str, onnx.ValueInfoProto], index: int) -> dict:
     missing = [name for name in inputs if name not in batch]
     if missing:
         raise DataError(f"calibration batch {index}: missing input(s) {', '.join(map(repr, missing))}; "
@@ -150,10 +150,10 @@ def _feeds(batch: dict[str, np.ndarray], inputs: dict[str, onnx.ValueInfoProto],
 def head_absmax(model: onnx.ModelProto, names: list[str], batches: Iterable[dict[str, np.ndarray]]) -> dict:
     """Per-head absmax (over every axis but 1) of the named outputs ([batch, heads, seq, dim] KV-cache tensors)."""
     session = runtime.session(model, optimize=True)
-    inputs = _graph_inputs(model)
+    inputs = graph_inputs(model)
     found: dict[str, np.ndarray] = {}
     for index, batch in enumerate(batches):
-        for name, value in zip(names, session.run(names, _feeds(batch, inputs, index))):
+        for name, value in zip(names, session.run(names, checked_feeds(batch, inputs, index))):
             if value.size:
                 heads = np.abs(value).max(axis=(0, 2, 3)).astype(np.float64)
                 found[name] = heads if name not in found else np.maximum(found[name], heads)

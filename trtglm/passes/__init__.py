@@ -21,6 +21,9 @@ class PassContext:
     # blocks a pass recognised but left decomposed (GELU below opset 20, attention in decomposed mode, RMSNorm
     # below opset 23), by kind: TensorRT still sees them, and the fusion summary counts them
     recognised: Counter = field(default_factory=Counter)
+    # per-channel (mean, std) of each BatchNorm output, from its beta and |gamma| (fold_batchnorm; equalize rescales
+    # them with the channels): what analytic bias correction knows of a layer's input without data
+    normals: dict = field(default_factory=dict)
 
 
 # The FP32 passes, in order: pass-throughs go first (a weight behind an Identity is not a constant), folding

@@ -9,8 +9,11 @@ identity, LeakyReLU), scaling output channel i of W1 (and its bias) by 1/s_i and
 the function; s_i = sqrt(r1_i / r2_i), with r1_i and r2_i the channel's ranges in W1 and W2, makes both ranges
 sqrt(r1_i r2_i). Chains (conv -> depthwise -> conv) are equalized pair by pair, over a few sweeps.
 
-Not homogeneous, so skipped and logged: ReLU6 / Clip with a finite upper bound (the bound would have to become
-per-channel), and anything else between the layers. A channel whose range is zero in either layer (dead, or a
+ReLU6 (Clip(0, 6)) is not homogeneous: after scaling, channel i saturates at 6 / s_i. Such a pair is equalized and
+its Clip becomes Relu followed by Min with the per-channel bounds 6 / s_i (ONNX's Clip takes scalar bounds only),
+which computes exactly the rescaled function; TensorRT fuses the Relu into the convolution, and the Min is one
+pointwise layer with a constant (not measured here: no TensorRT). A Clip with another lower bound, and anything
+else between the layers, is skipped and logged. A channel whose range is zero in either layer (dead, or a
 BatchNorm with zero gamma) keeps s_i = 1: nothing is ever divided by zero. The FP32 function changes only by
 float rounding (tests: <= 1e-4 relative).
 """
@@ -43,11 +46,24 @@ def equalize(graph: gs.Graph, ctx: PassContext) -> int:
                 logged.add(conv1.name)
             continue
         pairs.append(pair)
+    total = [np.ones(1) for _ in pairs]  # conv1's output channel i divided by total[i] over all sweeps
     for _ in range(SWEEPS):
-        for conv1, conv2 in pairs:
-            _equalize_pair(conv1, conv2)
-    for conv1, conv2 in pairs:
-        ctx.log.append(f"equalize: '{conv1.name}' -> '{conv2.name}'")
+        for i, (conv1, conv2) in enumerate(pairs):
+            s = _equalize_pair(conv1, conv2)
+            if s is not None:
+                total[i] = total[i] * s
+    for (conv1, conv2), s in zip(pairs, total):
+        name = conv1.outputs[0].name
+        if s.size > 1 and name in ctx.normals:  # the channels' BatchNorm statistics scale with them
+            mean, std = ctx.normals[name]
+            ctx.normals[name] = (mean / s, std / s)
+        clip = conv1.outputs[0].outputs[0]
+        if clip.op == "Clip" and s.size > 1 and np.isfinite(_clip_high(clip)):
+            _per_channel_clip(graph, clip, _clip_high(clip) / s, len(conv1.inputs[1].shape) - 1)
+            ctx.log.append(f"equalize: '{conv1.name}' -> '{conv2.name}' (its Clip now Relu + per-channel Min)")
+        else:
+            ctx.log.append(f"equalize: '{conv1.name}' -> '{conv2.name}'")
+    graph.cleanup().toposort()
     return len(pairs)
 
 
@@ -60,13 +76,9 @@ def _pair(conv1: gs.Node, outputs: set[int]) -> tuple[gs.Node, gs.Node] | str:
     if nxt is None:
         return ""
     if nxt.op == "Clip":
-        low = constant_value(nxt.inputs[1]) if len(nxt.inputs) > 1 and not nxt.inputs[1].is_empty() \
-            else nxt.attrs.get("min")  # inputs from opset 11, attributes before
-        high = (len(nxt.inputs) > 2 and not nxt.inputs[2].is_empty()) or np.isfinite(nxt.attrs.get("max", np.inf))
-        if high:
-            return "the Clip (ReLU6) after it is not positively homogeneous (its upper bound would become per-channel)"
-        if low is not None and float(low) not in (0.0, -np.inf):
-            return "the Clip after it does not clip at 0"
+        low = _clip_bound(nxt, 1, "min")
+        if low is None or float(low) != 0.0 or _clip_high(nxt) is None:
+            return "the Clip after it does not clip at 0 (to a constant upper bound)"
         act, conv2 = nxt, single_consumer(nxt.outputs[0], outputs)
     elif nxt.op in HOMOGENEOUS:
         act, conv2 = nxt, single_consumer(nxt.outputs[0], outputs)
@@ -81,20 +93,44 @@ def _pair(conv1: gs.Node, outputs: set[int]) -> tuple[gs.Node, gs.Node] | str:
     return conv1, conv2
 
 
+def _clip_bound(clip: gs.Node, index: int, attr: str):
+    """A Clip's bound: input `index` from opset 11, attribute `attr` before; None when not a constant."""
+    if len(clip.inputs) > index and not clip.inputs[index].is_empty():
+        value = constant_value(clip.inputs[index])
+        return None if value is None else float(np.asarray(value).reshape(-1)[0])
+    return float(clip.attrs.get(attr, -np.inf if attr == "min" else np.inf))
+
+
+def _clip_high(clip: gs.Node) -> float | None:
+    return _clip_bound(clip, 2, "max")
+
+
+def _per_channel_clip(graph: gs.Graph, clip: gs.Node, bounds: np.ndarray, rank: int) -> None:
+    """Clip(x, 0, hi) -> Min(Relu(x), bounds) with bounds per channel (axis 1), keeping the output tensor."""
+    x, y = clip.inputs[0], clip.outputs[0]
+    relu_out = gs.Variable(f"{y.name}_relu", dtype=y.dtype, shape=y.shape)
+    bound = gs.Constant(f"{y.name}_bound", bounds.reshape((-1,) + (1,) * (rank - 1)).astype(np.float32))
+    graph.nodes.append(gs.Node("Relu", f"{clip.name}_relu", inputs=[x], outputs=[relu_out]))
+    graph.nodes.append(gs.Node("Min", f"{clip.name}_min", inputs=[relu_out, bound], outputs=[y]))
+    clip.inputs.clear()
+    clip.outputs.clear()
+
+
 def _own_initializers(conv: gs.Node, bias: bool = True) -> bool:
     """The weight (and bias) are initializers that only this node reads: they can be rewritten in place."""
     tensors = conv.inputs[1:3] if bias else conv.inputs[1:2]
     return all(isinstance(t, gs.Constant) and len(t.outputs) == 1 for t in tensors if not t.is_empty())
 
 
-def _equalize_pair(conv1: gs.Node, conv2: gs.Node) -> None:
+def _equalize_pair(conv1: gs.Node, conv2: gs.Node) -> np.ndarray | None:
+    """Rescale the pair; returns the scales s (conv1's output channel i divided by s_i), None if unchanged."""
     w1 = np.asarray(constant_value(conv1.inputs[1]), dtype=np.float64)
     w2 = np.asarray(constant_value(conv2.inputs[1]), dtype=np.float64)
     channels = w1.shape[0]
     group = int(conv2.attrs.get("group", 1))
     per_group_in = w2.shape[1]
     if per_group_in * group != channels:
-        return  # shapes do not line up (cannot happen in a valid graph); leave the pair alone
+        return None  # shapes do not line up (cannot happen in a valid graph); leave the pair alone
     out_per_group = w2.shape[0] // group
     r1 = np.abs(w1.reshape(channels, -1)).max(axis=1)
     r2 = np.zeros(channels)
@@ -105,7 +141,7 @@ def _equalize_pair(conv1: gs.Node, conv2: gs.Node) -> None:
     live = (r1 > 0) & (r2 > 0)
     s[live] = np.sqrt(r1[live] / r2[live])
     if np.allclose(s, 1.0, rtol=1e-9, atol=0):
-        return
+        return None
     w1 = w1 / s.reshape((-1,) + (1,) * (w1.ndim - 1))
     for i in range(channels):
         g = i // per_group_in
@@ -114,6 +150,7 @@ def _equalize_pair(conv1: gs.Node, conv2: gs.Node) -> None:
     _set(conv2.inputs, 1, w2)
     if len(conv1.inputs) > 2 and not conv1.inputs[2].is_empty():
         _set(conv1.inputs, 2, np.asarray(constant_value(conv1.inputs[2]), dtype=np.float64) / s)
+    return s
 
 
 def _set(inputs: list[gs.Tensor], index: int, value: np.ndarray) -> None:

@@ -38,6 +38,8 @@ def fold_batchnorm(graph: gs.Graph, ctx: PassContext) -> int:
         if params is None:
             continue
         scale, shift = params
+        gamma, beta = (np.asarray(t.values, dtype=np.float64).reshape(-1) for t in bn.inputs[1:3])
+        ctx.normals[bn.outputs[0].name] = (beta, np.abs(gamma))
         producer = _foldable_producer(bn, graph)
         if producer is not None and _FOLDERS[producer.op](producer, scale, shift, graph):
             producer.outputs[0] = bn.outputs[0]

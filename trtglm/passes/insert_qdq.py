@@ -84,13 +84,16 @@ def plan_qdq(graph: gs.Graph, policy: PrecisionPolicy = PrecisionPolicy()) -> Qd
     return plan
 
 
-def insert_qdq(graph: gs.Graph, plan: QdqPlan, amax: dict[str, float], seven_bit_ops: tuple[str, ...] = ()) -> int:
+def insert_qdq(graph: gs.Graph, plan: QdqPlan, amax: dict[str, float], seven_bit_ops: tuple[str, ...] = (),
+               integer_weights: dict | None = None, biases: dict | None = None) -> int:
     """Insert the planned Q/DQ pairs; `amax` maps activation names to calibrated ranges.
 
     Weights are stored as int8 with a DequantizeLinear in front (TensorRT folds it). Weights of the op types in
     `seven_bit_ops` are limited to [-63, 63]: ONNX Runtime's u8*s8 GEMM kernels on x86 CPUs without VNNI add
-    pairs of products in saturating int16, which 7-bit weights cannot overflow. Returns the number of tensors
-    quantized.
+    pairs of products in saturating int16, which 7-bit weights cannot overflow. `integer_weights` (weight name
+    -> (int8 values, per-channel scales)) replaces round-to-nearest where given, and `biases` (node name -> float
+    bias) replaces the bias of each node whose weight is quantized (calib/weight_quant.py decides both). Returns
+    the number of tensors quantized.
     """
     tensors = graph.tensors()
     count = 0
@@ -100,7 +103,11 @@ def insert_qdq(graph: gs.Graph, plan: QdqPlan, amax: dict[str, float], seven_bit
         count += _quantize_activation(graph, tensors[name], float(amax[name]), plan.skipped)
     for name in sorted(plan.weights):
         bits = 7 if plan.weight_ops.get(name) in seven_bit_ops else 8
-        count += _quantize_weight(graph, tensors[name], plan.weights[name], bits, plan.skipped)
+        given = (integer_weights or {}).get(name)
+        count += _quantize_weight(graph, tensors[name], plan.weights[name], bits, plan.skipped, given)
+    for node in graph.nodes:
+        if node.name in (biases or {}) and len(node.inputs) > 1 and _dequantized(node.inputs[1]):
+            _set_bias(node, biases[node.name])
     graph.cleanup().toposort()
     return count
 
@@ -239,20 +246,14 @@ def _quantize_activation(graph: gs.Graph, tensor: gs.Variable, amax: float, keep
     return 1
 
 
-def _quantize_weight(graph: gs.Graph, tensor: gs.Constant, axis: int, bits: int, keep_float) -> int:
+def _quantize_weight(graph: gs.Graph, tensor: gs.Constant, axis: int, bits: int, keep_float,
+                     given: tuple[np.ndarray, np.ndarray] | None = None) -> int:
     weights = np.asarray(tensor.values, dtype=np.float32)
     qmax = float(2 ** (bits - 1) - 1)
-    if axis >= 0:
-        reduce_axes = tuple(i for i in range(weights.ndim) if i != axis)
-        amax = np.max(np.abs(weights), axis=reduce_axes)
+    if given is not None:
+        q, scale = given
     else:
-        amax = np.max(np.abs(weights), keepdims=False)
-    amax = np.where(amax > 0, amax, 1.0).astype(np.float32)
-    scale = (amax / np.float32(qmax)).astype(np.float32)
-    shape = [1] * weights.ndim
-    if axis >= 0:
-        shape[axis] = -1
-    q = np.clip(np.rint(weights / scale.reshape(shape)), -qmax, qmax).astype(np.int8)
+        q, scale = _nearest(weights, axis, qmax)
     q_const = gs.Constant(f"{tensor.name}_int8", q)
     dq_out = gs.Variable(f"{tensor.name}_dequantized", dtype=np.float32, shape=list(weights.shape))
     attrs = {"axis": axis} if axis >= 0 else {}
@@ -265,6 +266,36 @@ def _quantize_weight(graph: gs.Graph, tensor: gs.Constant, axis: int, bits: int,
         if node.op in QUANTIZED_OPS and node.name not in keep_float:  # e.g. a table shared with a Gather
             _replace_input(node, tensor, dq_out)
     return 1
+
+
+def _nearest(weights: np.ndarray, axis: int, qmax: float) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric round-to-nearest, per channel along `axis` (-1: per tensor): (int8 values, float32 scales)."""
+    if axis >= 0:
+        reduce_axes = tuple(i for i in range(weights.ndim) if i != axis)
+        amax = np.max(np.abs(weights), axis=reduce_axes)
+    else:
+        amax = np.max(np.abs(weights), keepdims=False)
+    amax = np.where(amax > 0, amax, 1.0).astype(np.float32)
+    scale = (amax / np.float32(qmax)).astype(np.float32)
+    shape = [1] * weights.ndim
+    if axis >= 0:
+        shape[axis] = -1
+    return np.clip(np.rint(weights / scale.reshape(shape)), -qmax, qmax).astype(np.int8), scale
+
+
+def _dequantized(tensor: gs.Tensor) -> bool:
+    return bool(tensor.inputs) and tensor.inputs[0].op == "DequantizeLinear"
+
+
+def _set_bias(node: gs.Node, bias: np.ndarray) -> None:
+    """A new constant (the FP32 bias may be read elsewhere), shaped like the old one."""
+    old = node.inputs[2] if len(node.inputs) > 2 and not node.inputs[2].is_empty() else None
+    shape = old.values.shape if isinstance(old, gs.Constant) else bias.shape
+    dtype = old.values.dtype if isinstance(old, gs.Constant) else np.float32
+    name = f"{old.name if old is not None else node.name + '_bias'}_corrected"
+    while len(node.inputs) < 3:
+        node.inputs.append(gs.Variable.empty())
+    node.inputs[2] = gs.Constant(name, np.asarray(bias).reshape(shape).astype(dtype))
 
 
 def _replace_input(node: gs.Node, old: gs.Tensor, new: gs.Tensor) -> None:

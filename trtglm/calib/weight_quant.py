@@ -1,0 +1,204 @@
+"""The integer weights and corrected biases of the quantized layers: `--weight-rounding` and `--bias-correction`.
+
+Why: insert_qdq rounds each weight to its nearest INT8 level and leaves the bias alone, which is right for most
+layers of a transformer and wrong for the depthwise convolutions of a MobileNet/EfficientNet (see rounding.py).
+This stage decides, once per build, the integer weights of every layer that may be quantized (AdaRound on the
+layer's input statistics, or nearest) and the bias that cancels the layer's expected output shift, either from
+calibration data (empirical: weight rounding and the input's own quantization, E[W_q Q(x)] - E[W x]) or from the
+BatchNorm statistics of its input (analytic, data-free: the rounding part only). Each layer is treated on its own
+FP32 inputs, so the decisions do not depend on which other layers the accuracy budget keeps in float; insert_qdq
+applies them to the layers it quantizes.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+
+from trtglm.calib import rounding
+from trtglm.calib.collect import progress_bar
+from trtglm.calib.layer_inputs import LinearLayer, collect_layer_inputs, linear_layer
+
+WEIGHT_ROUNDING = ("nearest", "adaround")
+BIAS_CORRECTION = ("none", "empirical", "analytic")
+
+
+@dataclass
+class WeightDecisions:
+    """Integer weights (weight name -> (int8 array in the weight's layout, per-channel scales)) and corrected biases
+    (node name -> float32 bias) for insert_qdq; `layers` is the report, one row per layer."""
+
+    weights: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
+    biases: dict[str, np.ndarray] = field(default_factory=dict)
+    layers: list[dict] = field(default_factory=list)
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    def summary(self, rounding_method: str, correction: str) -> dict:
+        near = sum(r["nearest_error"] for r in self.layers if "nearest_error" in r)
+        chosen = sum(r["error"] for r in self.layers if "error" in r)
+        return {"weight_rounding": rounding_method, "bias_correction": correction, "layers": len(self.layers),
+                "rows_improved": sum(r.get("rows_improved", 0) for r in self.layers),
+                "output_error_vs_nearest": round(chosen / near, 4) if near > 0 else None,
+                "biases_corrected": len(self.biases), "seconds": self.seconds}
+
+
+def decide_weights(graph: gs.Graph, model: onnx.ModelProto, nodes: list[str], batches: Iterable[dict] | None,
+                   amax: dict[str, float], method: str, correction: str, qmax_of: dict[str, float],
+                   normals: dict, total: int | None = None, log: list[str] | None = None) -> WeightDecisions:
+    """Decisions for the named nodes (Conv/Gemm/MatMul whose weight only they read). `model` is the FP32 model
+    of `graph`, run on `batches` for the layer statistics (only when AdaRound or empirical correction needs them);
+    `qmax_of` maps op types to their weight range (127, or 63 for 7-bit weights)."""
+    log = log if log is not None else []
+    by_name = {n.name: n for n in graph.nodes}
+    layers = []
+    for name in nodes:
+        node = by_name[name]
+        layer = linear_layer(node)
+        if layer is None or len(node.inputs[1].outputs) != 1:
+            log.append(f"weight_quant: '{name}' keeps nearest rounding: no constant weight of its own")
+            continue
+        layers.append(layer)
+    decisions = WeightDecisions()
+    stats = {}
+    if method == "adaround" or correction == "empirical":
+        start = time.perf_counter()
+        stats = collect_layer_inputs(model, layers, batches, amax, total)
+        decisions.seconds["statistics"] = round(time.perf_counter() - start, 3)
+    start = time.perf_counter()
+    tensors = graph.tensors()
+    with progress_bar(f"{method} rounding", len(layers)) as advance:
+        for layer in layers:
+            _decide(layer, by_name[layer.node], tensors, stats.get(layer.node), method, correction, qmax_of, graph,
+                    normals, decisions, log)
+            advance()
+    decisions.seconds["rounding"] = round(time.perf_counter() - start, 3)
+    return decisions
+
+
+def _decide(layer: LinearLayer, node: gs.Node, tensors: dict, st, method: str, correction: str, qmax_of: dict,
+            graph: gs.Graph, normals: dict, decisions: WeightDecisions, log: list[str]) -> None:
+    """The integer weights of one layer and, where its input means are known, its corrected bias."""
+    w = np.asarray(tensors[layer.weight].values, dtype=np.float32)
+    rows = layer.rows(w)
+    hessian = st.hessian if st is not None else None
+    r = rounding.round_layer(rows, hessian, qmax_of.get(layer.op, 127.0), method)
+    row = {"node": layer.node}
+    if hessian is not None:
+        row.update(nearest_error=r.nearest_error, error=r.error, rows_improved=r.improved_rows)
+    decisions.weights[layer.weight] = (layer.from_rows(r.q).astype(np.int8), r.scale.reshape(-1))
+    means = _means(layer, st, correction, graph, normals)
+    if means is not None:
+        bias = _bias(node, layer)
+        if bias is not None:
+            shift = rounding.bias_shift(rows, r.q, r.scale, *means)
+            decisions.biases[layer.node] = (bias - shift).astype(np.float32)
+            row["bias_shift_rms"] = float(np.sqrt(np.mean(shift * shift)))
+        else:
+            log.append(f"weight_quant: '{layer.node}' bias not corrected: its bias is not a constant vector")
+    elif correction == "analytic":
+        log.append(f"weight_quant: '{layer.node}' bias not corrected: its input's statistics are not known "
+                   "from a BatchNorm")
+    decisions.layers.append(row)
+
+
+def _means(layer: LinearLayer, st, correction: str, graph: gs.Graph, normals: dict):
+    """(FP32 input mean, quantized input mean) per input row element, or None."""
+    if correction == "empirical" and st is not None:
+        return st.mean, st.quantized_mean
+    if correction != "analytic":
+        return None
+    channel_mean = expected_value(graph.tensors()[layer.input], normals)
+    if channel_mean is None:
+        return None
+    if layer.op == "Conv":
+        taps = int(np.prod(layer.kernel))
+        per_row = np.repeat(channel_mean, taps).reshape(layer.groups, -1)
+    else:
+        per_row = channel_mean.reshape(1, -1)
+    return per_row, per_row
+
+
+def _bias(node: gs.Node, layer: LinearLayer) -> np.ndarray | None:
+    """The layer's bias per output channel (zeros for a Conv without one), or None when it has none we can set."""
+    channels = layer.weight_shape[layer.channel_axis]
+    if node.op == "Conv":
+        if len(node.inputs) < 3 or node.inputs[2].is_empty():
+            return np.zeros(channels, np.float32)
+        b = node.inputs[2]
+        return np.asarray(b.values, np.float32).reshape(-1) if isinstance(b, gs.Constant) else None
+    if node.op == "Gemm" and len(node.inputs) > 2 and isinstance(node.inputs[2], gs.Constant) \
+            and float(node.attrs.get("alpha", 1.0)) == 1.0 and float(node.attrs.get("beta", 1.0)) == 1.0:
+        c = np.asarray(node.inputs[2].values, np.float32)
+        return c.reshape(-1) if c.size == channels else None
+    return None
+
+
+def expected_value(tensor: gs.Tensor, normals: dict, depth: int = 0) -> np.ndarray | None:
+    """Per-channel E[tensor] from BatchNorm statistics: a BatchNorm output is N(beta, gamma^2) per channel; ReLU
+    and Clip of one are clipped normals; zero padding and Identity pass the mean through; an Add adds means."""
+    if depth > 8:
+        return None
+    if tensor.name in normals:
+        return np.asarray(normals[tensor.name][0], dtype=np.float64)
+    producer = tensor.inputs[0] if tensor.inputs else None
+    if producer is None:
+        return None
+    source = producer.inputs[0] if producer.inputs else None
+    if producer.op in ("Pad", "Identity") and isinstance(source, gs.Variable):
+        mode = producer.attrs.get("mode", "constant")
+        if producer.op == "Identity" or mode == "constant":
+            return expected_value(source, normals, depth + 1)
+        return None
+    if producer.op in ("Relu", "Clip") and isinstance(source, gs.Variable) and source.name in normals:
+        low, high = _clip_bounds(producer)
+        mean, std = normals[source.name]
+        return _clipped_normal_mean(np.asarray(mean, np.float64), np.asarray(std, np.float64), low, high)
+    if producer.op == "Min" and len(producer.inputs) == 2 and isinstance(producer.inputs[1], gs.Constant) \
+            and source is not None and source.inputs and source.inputs[0].op == "Relu":
+        pre = source.inputs[0].inputs[0]  # Min(Relu(z), per-channel bound): equalize's rescaled ReLU6
+        if pre.name in normals:
+            mean, std = normals[pre.name]
+            high = np.asarray(producer.inputs[1].values, np.float64).reshape(-1)
+            return _clipped_normal_mean(np.asarray(mean, np.float64), np.asarray(std, np.float64), 0.0, high)
+    if producer.op == "Add" and all(isinstance(t, gs.Variable) for t in producer.inputs):
+        parts = [expected_value(t, normals, depth + 1) for t in producer.inputs]
+        if all(p is not None for p in parts) and parts[0].shape == parts[1].shape:
+            return parts[0] + parts[1]
+    return None
+
+
+def _clip_bounds(node: gs.Node) -> tuple[float, float]:
+    if node.op == "Relu":
+        return 0.0, math.inf
+    bounds = []
+    for index, attr, default in ((1, "min", -math.inf), (2, "max", math.inf)):
+        if len(node.inputs) > index and isinstance(node.inputs[index], gs.Constant):
+            bounds.append(float(np.asarray(node.inputs[index].values).reshape(-1)[0]))
+        else:
+            bounds.append(float(node.attrs.get(attr, default)))
+    return bounds[0], bounds[1]
+
+
+def _clipped_normal_mean(mean: np.ndarray, std: np.ndarray, low: float, high) -> np.ndarray:
+    """E[clip(z, low, high)] for z ~ N(mean, std^2), per channel (std 0: clip(mean)); `high` a scalar or one bound
+    per channel."""
+    high = np.broadcast_to(np.asarray(high, np.float64), mean.shape)
+    out = np.clip(mean, low, high)
+    live = std > 0
+    m, s, high = mean[live], std[live], high[live]
+    a, b = (low - m) / s, (high - m) / s
+    cdf = np.vectorize(lambda t: 0.5 * (1.0 + math.erf(t / math.sqrt(2.0))))
+    pdf = lambda t: np.exp(-0.5 * np.minimum(t * t, 1e4)) / math.sqrt(2.0 * math.pi)  # noqa: E731
+    fa, fb = cdf(a), cdf(b)
+    value = m * (fb - fa) + s * (pdf(a) - pdf(b))
+    if np.isfinite(low):
+        value += low * fa
+    value += np.where(np.isfinite(high), high, 0.0) * (1.0 - fb)
+    out[live] = value
+    return out
