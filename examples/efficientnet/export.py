@@ -26,11 +26,12 @@ import numpy as np
 SEED = 0
 SIZES = {"lite0": 224, "lite1": 240, "lite2": 260, "lite3": 280, "lite4": 300}
 PREPROCESS = "mean=0.498,std=0.502"
-# Source images (name, loader). Disjoint sets: nothing evaluated comes from an image the calibrator saw.
+# The photographs of both packages (drawings, scans of text and synthetic patterns left out), in two disjoint
+# sets: nothing evaluated comes from an image the calibrator saw. motorcycle_right is left out: it is the other
+# view of the stereo pair whose left view is calibrated on.
 CALIB_IMAGES = ("astronaut", "coffee", "motorcycle_left", "hubble_deep_field", "sklearn:china.jpg", "camera",
-                "brick", "grass", "immunohistochemistry", "logo")
-EVAL_IMAGES = ("chelsea", "rocket", "sklearn:flower.jpg", "retina", "coins", "gravel", "moon", "page",
-               "colorwheel", "text")
+                "brick", "grass", "immunohistochemistry")
+EVAL_IMAGES = ("chelsea", "rocket", "sklearn:flower.jpg", "retina", "coins", "gravel", "moon")
 
 
 def load_image(name: str) -> np.ndarray:

@@ -83,3 +83,30 @@ def test_choose_method_returns_the_least_error_and_output_error_is_relative():
     rows = sample.rows
     assert output_error(rows, w, float(np.abs(rows).max())) < 5e-3  # minmax on heavy tails: coarse but unclipped
     assert output_error(rows, w, 1e-3) > 0.5  # everything clipped to almost zero
+
+
+def test_auto_calibrates_convolution_inputs_by_their_own_error_and_keeps_entropy_elsewhere():
+    """Tensors read only by convolutions get mse under --calib-method auto; a residual Add's input keeps TensorRT's
+    entropy; an explicit method applies to all."""
+    import onnx_graphsurgeon as gs
+
+    from tests import models
+    from trtglm.calib.search import methods_for
+    from trtglm.calib.stats import TensorStats
+
+    graph = gs.import_onnx(models.build_residual_block(activation="Relu"))
+    conv_inputs = [t.name for t in graph.tensors().values() if isinstance(t, gs.Variable) and t.outputs
+                   and all(n.op == "Conv" and n.inputs[0] is t for n in t.outputs)]
+    add_inputs = [t.name for t in graph.tensors().values() if isinstance(t, gs.Variable) and t.outputs
+                  and all(n.op == "Add" for n in t.outputs)]
+    assert conv_inputs and add_inputs
+    rng = np.random.default_rng(0)
+    relu6 = np.clip(rng.exponential(0.4, (64, 8, 8, 8)), 0, 6).astype(np.float32)
+    stats = {}
+    for name in conv_inputs + add_inputs:
+        stats[name] = TensorStats(name)
+        stats[name].update(relu6)
+    chosen = methods_for(graph, stats, {}, "auto", 99.99, {}, frozenset())
+    assert {chosen[n].value for n in conv_inputs} == {"mse"}
+    assert {chosen[n].value for n in add_inputs} == {"entropy"}
+    assert methods_for(graph, stats, {}, "entropy", 99.99, {}, frozenset())[conv_inputs[0]].value == "entropy"

@@ -10,9 +10,11 @@ from tests import models
 from trtglm.passes.equalize import equalize
 
 
-def _chain(*, depthwise: bool = False, act: str = "Relu", dead: bool = False, seed: int = 0) -> onnx.ModelProto:
+def _chain(*, depthwise: bool = False, act: str = "Relu", dead: bool = False, pad: bool = False,
+           seed: int = 0) -> onnx.ModelProto:
     """input (N,4,8,8) -> Conv(4->8) -> act -> [DWConv(8) -> act ->] Conv(8->6) -> output; channel ranges that
-    differ by orders of magnitude, as after BatchNorm folding."""
+    differ by orders of magnitude, as after BatchNorm folding. `pad`: the depthwise convolution's padding is a Pad
+    node in front of it, as TensorFlow-style "same" padding exports."""
     b = models._Builder(seed)
     h = b.conv("input", 4, 8, name="conv1")
     w1 = next(t for t in b.inits if t.name == "conv1.weight")
@@ -22,7 +24,11 @@ def _chain(*, depthwise: bool = False, act: str = "Relu", dead: bool = False, se
     w1.CopyFrom(numpy_helper.from_array(values.astype(np.float32), w1.name))
     h = b.act(h, act)
     if depthwise:
+        if pad:
+            h = b.op("Pad", [h, b.const("pads", np.array([0, 0, 1, 1, 0, 0, 1, 1], np.int64))], name="pad")
         h = b.act(b.conv(h, 8, 8, name="dw", group=8), act)
+        if pad:
+            next(a for a in b.nodes[-2].attribute if a.name == "pads").ints[:] = [0, 0, 0, 0]
     y = b.conv(h, 8, 6, name="conv2")
     models._rename_output(b, y, "output")
     return b.model("chain", [models._input("input", ("N", 4, 8, 8))], [models._input("output", ("N", 6, 8, 8))])
@@ -49,11 +55,11 @@ def test_equalization_keeps_the_function_and_equalizes_the_ranges(depthwise):
     assert r1.max() / r1.min() < before.max() / before.min() / 10
 
 
-@pytest.mark.parametrize("depthwise", [False, True])
-def test_relu6_pairs_keep_the_function_through_per_channel_bounds(depthwise):
+@pytest.mark.parametrize("depthwise,pad", [(False, False), (True, False), (True, True)])
+def test_relu6_pairs_keep_the_function_through_per_channel_bounds(depthwise, pad):
     """Clip(0, 6) becomes Relu + Min(6 / s): exact even where the activations saturate, which a plain ReLU6 after
-    rescaling would not be."""
-    model = _chain(act="Clip", depthwise=depthwise)
+    rescaling would not be. A zero Pad between the activation and the next Conv is stepped through."""
+    model = _chain(act="Clip", depthwise=depthwise, pad=pad)
     out, count, log = models.apply_pass(model, equalize)
     assert count == (2 if depthwise else 1), log
     ops = [n.op_type for n in out.graph.node]

@@ -8,7 +8,11 @@ differs between a LayerNorm output (a few huge channels) and a GELU output (heav
 activation that feeds linear layers with constant weights is judged by what matters: the relative error of those
 layers' outputs, X @ W against fake-quantized (X/s) @ fake-quantized(s W), on a sample of the activation's real
 rows (RowSample) kept during calibration. Weights are fake-quantized per output channel as insert_qdq does.
-Tensors read by anything else (convolutions, residual Adds) have no such cost and keep the default method.
+A tensor read only by convolutions has no sampled rows; its method minimizes the tensor's own quantization error
+(mse): a dense convolution spreads input errors over many products, so its output error follows the input's,
+while entropy calibration clips, among others, the saturated values of a ReLU6 output (measured on
+EfficientNet-Lite: a 1152-channel ReLU6 output clipped from 6 to 4, 21 dB SQNR, a quarter of the model's INT8
+error). Other tensors (residual Adds) keep the default method.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from trtglm.calib.stats import TensorStats
 
 ALPHAS = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)  # candidates besides no smoothing at all
 DEFAULT_METHOD = "entropy"  # for tensors without linear consumers (TensorRT's own default)
+CONV_METHOD = "mse"  # for tensors read only by convolutions
 
 
 @dataclass(frozen=True)
@@ -152,9 +157,17 @@ def methods_for(graph: gs.Graph, stats: dict[str, TensorStats], samples: dict, m
         rows = samples[name].rows if name in samples else None
         if weights and rows is not None:
             choices[name] = choose_method(stats[name], rows, weights, percentile)
+        elif method == "auto" and _read_by_convolutions(graph, name, keep_float):
+            choices[name] = Choice(CONV_METHOD, {})
         else:
             choices[name] = Choice(DEFAULT_METHOD if method == "auto" else method, {})
     return choices
+
+
+def _read_by_convolutions(graph: gs.Graph, name: str, keep_float: frozenset[str]) -> bool:
+    tensor = graph.tensors().get(name)
+    readers = [n for n in tensor.outputs if n.name not in keep_float] if tensor is not None else []
+    return bool(readers) and all(n.op in ("Conv", "ConvTranspose") and n.inputs[0] is tensor for n in readers)
 
 
 def smoothable_weights(graph: gs.Graph, name: str, keep_float: frozenset[str] = frozenset()) -> list[np.ndarray]:

@@ -69,7 +69,8 @@ def equalize(graph: gs.Graph, ctx: PassContext) -> int:
 
 def _pair(conv1: gs.Node, outputs: set[int]) -> tuple[gs.Node, gs.Node] | str:
     """(conv1, conv2) when conv1's output reaches only conv2's data input, through at most one homogeneous
-    activation; else why not ('' when there is simply no convolution after it)."""
+    activation and a zero padding of the spatial axes (TensorFlow-style "same" padding, exported as a Pad); else
+    why not ('' when there is simply no convolution after it)."""
     if not _own_initializers(conv1):
         return "its weights are not initializers of its own (computed, or shared with another node)"
     nxt = single_consumer(conv1.outputs[0], outputs)
@@ -84,13 +85,32 @@ def _pair(conv1: gs.Node, outputs: set[int]) -> tuple[gs.Node, gs.Node] | str:
         act, conv2 = nxt, single_consumer(nxt.outputs[0], outputs)
     else:
         act, conv2 = None, nxt
+    if conv2 is not None and conv2.op == "Pad" and _zero_spatial_pad(conv2):
+        conv2 = single_consumer(conv2.outputs[0], outputs)
+        feeds = conv2.inputs[0].inputs[0].inputs[0] if conv2 is not None else None  # Pad's data input
+    else:
+        feeds = conv2.inputs[0] if conv2 is not None else None
     if conv2 is None or conv2.op != "Conv":
         return "" if act is None else f"its {act.op} does not feed one Conv"
-    if conv2.inputs[0] is not (act.outputs[0] if act is not None else conv1.outputs[0]):
+    if feeds is not (act.outputs[0] if act is not None else conv1.outputs[0]):
         return "the next Conv reads it as weights"
     if not _own_initializers(conv2, bias=False):
         return f"the weights of '{conv2.name}' are not initializers of its own"
     return conv1, conv2
+
+
+def _zero_spatial_pad(pad: gs.Node) -> bool:
+    """A constant-mode Pad with value 0 that pads neither the batch nor the channel axis: it commutes with a
+    per-channel scale."""
+    if pad.attrs.get("mode", "constant") != "constant" or len(pad.inputs) < 2 or len(pad.inputs) > 3:
+        return False
+    pads = constant_value(pad.inputs[1])
+    value = constant_value(pad.inputs[2]) if len(pad.inputs) > 2 and not pad.inputs[2].is_empty() else 0.0
+    if pads is None or value is None or float(np.asarray(value).reshape(-1)[0]) != 0.0:
+        return False
+    pads = np.asarray(pads).reshape(-1)
+    rank = pads.size // 2
+    return rank >= 2 and not pads[[0, 1, rank, rank + 1]].any()
 
 
 def _clip_bound(clip: gs.Node, index: int, attr: str):
@@ -123,7 +143,8 @@ def _own_initializers(conv: gs.Node, bias: bool = True) -> bool:
 
 
 def _equalize_pair(conv1: gs.Node, conv2: gs.Node) -> np.ndarray | None:
-    """Rescale the pair; returns the scales s (conv1's output channel i divided by s_i), None if unchanged."""
+    """Equalize the pair's weight ranges; returns the scales s (conv1's output channel i divided by s_i), None if
+    unchanged."""
     w1 = np.asarray(constant_value(conv1.inputs[1]), dtype=np.float64)
     w2 = np.asarray(constant_value(conv2.inputs[1]), dtype=np.float64)
     channels = w1.shape[0]
@@ -140,8 +161,19 @@ def _equalize_pair(conv1: gs.Node, conv2: gs.Node) -> np.ndarray | None:
     s = np.ones(channels)
     live = (r1 > 0) & (r2 > 0)
     s[live] = np.sqrt(r1[live] / r2[live])
+    return _scale_pair(conv1, conv2, s)
+
+
+def _scale_pair(conv1: gs.Node, conv2: gs.Node, s: np.ndarray) -> np.ndarray | None:
+    """Divide conv1's output channel i (weights and bias) by s_i and multiply conv2's input channel i by s_i."""
     if np.allclose(s, 1.0, rtol=1e-9, atol=0):
         return None
+    w1 = np.asarray(constant_value(conv1.inputs[1]), dtype=np.float64)
+    w2 = np.asarray(constant_value(conv2.inputs[1]), dtype=np.float64)
+    channels = w1.shape[0]
+    group = int(conv2.attrs.get("group", 1))
+    per_group_in = w2.shape[1]
+    out_per_group = w2.shape[0] // group
     w1 = w1 / s.reshape((-1,) + (1,) * (w1.ndim - 1))
     for i in range(channels):
         g = i // per_group_in
