@@ -110,9 +110,11 @@ def main(ctx: click.Context, debug: bool):
               help="adaround: learned up/down rounding per weight, minimizing each layer's output error on the "
                    "calibration data.")
 @click.option("--bias-correction", default="none", show_default=True,
-              type=click.Choice(["none", "empirical", "analytic"]),
+              type=click.Choice(["none", "empirical", "sequential", "analytic"]),
               help="Fold each quantized layer's expected output shift into its bias: from the calibration data "
-                   "(empirical) or from BatchNorm statistics (analytic, data-free).")
+                   "(empirical: each layer's own; sequential: also what earlier layers' noise shifts, measured "
+                   "layer by layer on the quantized model, slower) or from BatchNorm statistics (analytic, "
+                   "data-free).")
 @click.option("--plugin-ops", is_flag=True,
               help="Also write MODEL.plugins.onnx with trtglm's plugin ops (residual+norm) for TensorRT; the engine "
                    "is built from it (see `trtglm plugins`).")

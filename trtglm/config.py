@@ -89,7 +89,7 @@ class BuildConfig:
     workers: int = 2  # --executor ray: calibration actors (one ONNX Runtime thread each)
     equalize: bool = False  # cross-layer equalization of Conv -> ReLU -> Conv pairs (after BatchNorm folding)
     weight_rounding: str = "nearest"  # nearest | adaround: learned up/down rounding on the layer's input statistics
-    bias_correction: str = "none"  # none | empirical (calibration data) | analytic (BatchNorm statistics)
+    bias_correction: str = "none"  # none | empirical | sequential (calibration data) | analytic (BatchNorm statistics)
     plugin_ops: bool = False  # also write the model with trtglm's plugin ops (TensorRT only), checked via its fallback
     engine: EngineOptions = field(default_factory=EngineOptions)
 
@@ -146,11 +146,12 @@ class BuildConfig:
             raise ConfigError(f"--workers {self.workers}: give at least 1")
         if self.weight_rounding not in ("nearest", "adaround"):
             raise ConfigError(f"--weight-rounding {self.weight_rounding!r}: choose nearest or adaround")
-        if self.bias_correction not in ("none", "empirical", "analytic"):
-            raise ConfigError(f"--bias-correction {self.bias_correction!r}: choose none, empirical or analytic")
-        if (self.weight_rounding == "adaround" or self.bias_correction == "empirical") and \
+        if self.bias_correction not in ("none", "empirical", "analytic", "sequential"):
+            raise ConfigError(f"--bias-correction {self.bias_correction!r}: choose none, empirical, sequential or "
+                              "analytic")
+        if (self.weight_rounding == "adaround" or self.bias_correction in ("empirical", "sequential")) and \
                 (not self.static_int8 or self.calib_cache is not None):
-            raise ConfigError("--weight-rounding adaround and --bias-correction empirical need calibration data and "
+            raise ConfigError("--weight-rounding adaround and --bias-correction empirical/sequential need calibration data and "
                               "an INT8 build; without data, --bias-correction analytic uses the BatchNorm statistics")
         if self.bias_correction == "analytic" and not self.static_int8:
             raise ConfigError("--bias-correction applies to INT8 builds")

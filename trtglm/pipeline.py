@@ -23,7 +23,7 @@ from trtglm.calib.methods import Scales, scales_for
 from trtglm.calib.ray_executor import collect_on_ray, ray_map
 from trtglm.calib.rows import RowSample
 from trtglm.calib.text import open_text_dataset
-from trtglm.calib.weight_quant import WeightDecisions, decide_weights
+from trtglm.calib.weight_quant import SEQUENTIAL_SAMPLES, WeightDecisions, correct_sequentially, decide_weights
 from trtglm import profiles
 from trtglm.config import BuildConfig, ShapeProfile
 from trtglm.engine.build import AOT_PLUGINS, build_engine, tensorrt_status
@@ -190,6 +190,14 @@ def build(cfg: BuildConfig, console=None) -> dict:
                         ray_map(cfg.workers, cfg.ray_address) if cfg.executor == "ray" else None)
                     policy = replace(policy, keep_float=policy.keep_float | sens.keep_float)
                     plan = plan_qdq(graph, policy)
+            if cfg.bias_correction == "sequential":  # on the final precision mix
+                with timer.stage("sequential bias correction"):
+                    start = time.perf_counter()
+                    feeds = list(calib_set.batches(calib_idx[:SEQUENTIAL_SAMPLES], cfg.batch_size))
+                    decisions.biases = correct_sequentially(
+                        calibrated, _quantized(calibrated, policy, scales.amax, seven_bit_ops, decisions),
+                        _quantized_nodes(graph, plan), feeds, decisions.biases)
+                    decisions.seconds["sequential"] = round(time.perf_counter() - start, 3)
         layers = sensitivity.linear_layers(graph, [n.name for n in graph.nodes if n.op in QUANTIZED_OPS])
         for layer in layers:
             layer.precision = "float" if layer.node in plan.skipped or not cfg.static_int8 else "int8"
