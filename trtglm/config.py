@@ -151,8 +151,9 @@ class BuildConfig:
                               "analytic")
         if (self.weight_rounding == "adaround" or self.bias_correction in ("empirical", "sequential")) and \
                 (not self.static_int8 or self.calib_cache is not None):
-            raise ConfigError("--weight-rounding adaround and --bias-correction empirical/sequential need calibration data and "
-                              "an INT8 build; without data, --bias-correction analytic uses the BatchNorm statistics")
+            raise ConfigError("--weight-rounding adaround and --bias-correction empirical/sequential need calibration "
+                              "data and an INT8 build; without data, --bias-correction analytic uses the BatchNorm "
+                              "statistics")
         if self.bias_correction == "analytic" and not self.static_int8:
             raise ConfigError("--bias-correction applies to INT8 builds")
         if self.profiles and self.batch_profile is not None:

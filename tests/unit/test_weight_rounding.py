@@ -207,3 +207,24 @@ def test_sequential_correction_matches_the_fp32_means_layer_by_layer():
     assert mean_error(sequential, [{"input": np.concatenate([c["input"] for c in calib])}]) < 1e-4
     held_out = [{"input": rng.standard_normal((64, 3, 8, 8)).astype(np.float32)}]
     assert mean_error(sequential, held_out) < 0.5 * mean_error(local, held_out)
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(weight_rounding="adaround", calib_cache="c.cache"), "need calibration data"),
+    (dict(bias_correction="sequential", calib_cache="c.cache"), "need calibration data"),
+    (dict(bias_correction="analytic", int8=False, calib=None), "applies to INT8 builds"),
+    (dict(weight_rounding="stochastic"), "choose nearest or adaround"),
+    (dict(bias_correction="mean"), "choose none, empirical, sequential or analytic"),
+])
+def test_bad_weight_options_are_one_line_errors(kwargs, message):
+    from pathlib import Path
+
+    from trtglm.config import BuildConfig
+    from trtglm.errors import ConfigError
+
+    base = dict(model=Path("m.onnx"), calib=Path("calib"))
+    if "calib_cache" in kwargs:
+        base.pop("calib")
+        kwargs = dict(kwargs, calib_cache=Path(kwargs["calib_cache"]))
+    with pytest.raises(ConfigError, match=message):
+        BuildConfig(**{**base, **kwargs})
