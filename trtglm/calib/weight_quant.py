@@ -35,8 +35,6 @@ from trtglm.calib import rounding
 from trtglm.calib.collect import progress_bar, with_outputs
 from trtglm.calib.layer_inputs import LinearLayer, collect_layer_inputs, linear_layer
 
-WEIGHT_ROUNDING = ("nearest", "adaround")
-BIAS_CORRECTION = ("none", "empirical", "analytic", "sequential")
 SEQUENTIAL_SAMPLES = 32  # calibration samples the sequential correction measures on
 
 
