@@ -34,6 +34,7 @@ from trtglm.passes.insert_qdq import QUANTIZED_OPS, QdqPlan, insert_qdq, plan_qd
 from trtglm.passes.convert_fp16 import convert_fp16
 from trtglm.passes.equalize import equalize
 from trtglm.passes.kv_cache import cache_pairs, quantize_kv_cache
+from trtglm.passes.normals import input_means
 from trtglm.passes.plugin_ops import DOMAIN as PLUGIN_DOMAIN
 from trtglm.passes.plugin_ops import from_plugin_ops, to_plugin_ops
 from trtglm.passes.smooth_quant import smooth_quant
@@ -174,9 +175,12 @@ def build(cfg: BuildConfig, console=None) -> dict:
             if cfg.weight_rounding != "nearest" or cfg.bias_correction != "none":
                 with timer.stage("weights"):
                     data = calib_set.batches(calib_idx, cfg.batch_size) if calib_set is not None else None
-                    decisions = decide_weights(graph, calibrated, _quantized_nodes(graph, plan), data, scales.amax,
+                    nodes = _quantized_nodes(graph, plan)
+                    means = input_means(graph, [n.inputs[0].name for n in graph.nodes if n.name in set(nodes)],
+                                        ctx.normals) if cfg.bias_correction == "analytic" else {}
+                    decisions = decide_weights(graph, calibrated, nodes, data, scales.amax,
                                                cfg.weight_rounding, cfg.bias_correction,
-                                               {op: 63.0 for op in seven_bit_ops}, ctx.normals,
+                                               {op: 63.0 for op in seven_bit_ops}, means,
                                                calib_data.batch_count(calib_set, calib_idx, cfg.batch_size)
                                                if calib_set is not None else None, ctx.log)
             if cfg.accuracy_budget is not None:

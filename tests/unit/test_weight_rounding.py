@@ -10,7 +10,8 @@ from onnx import helper, numpy_helper
 from tests import models
 from trtglm.calib import rounding
 from trtglm.calib.layer_inputs import collect_layer_inputs, input_rows, linear_layer
-from trtglm.calib.weight_quant import decide_weights, expected_value
+from trtglm.calib.weight_quant import decide_weights
+from trtglm.passes.normals import expected_value, input_means
 from trtglm.passes import PassContext
 from trtglm.passes.fold_batchnorm import fold_batchnorm
 from trtglm.passes.insert_qdq import insert_qdq, plan_qdq
@@ -131,7 +132,8 @@ def test_bias_correction_removes_a_planted_output_bias(correction):
     rng = np.random.default_rng(0)
     calib = [{"input": rng.standard_normal((16, 3, 8, 8)).astype(np.float32)} for _ in range(4)]
     nodes = [n.name for n in graph.nodes if n.op == "Conv"]
-    decisions = decide_weights(graph, fp32, nodes, iter(calib), {}, "nearest", correction, {}, ctx.normals)
+    means = input_means(graph, [n.inputs[0].name for n in graph.nodes if n.op == "Conv"], ctx.normals)
+    decisions = decide_weights(graph, fp32, nodes, iter(calib), {}, "nearest", correction, {}, means)
     assert set(decisions.biases) == ({"conv1", "conv2"} if correction == "empirical" else {"conv2"})
     held_out = {"input": rng.standard_normal((32, 3, 8, 8)).astype(np.float32)}
     before = _mean_output_error(fp32, decisions, held_out, correct_biases=False)
@@ -189,7 +191,7 @@ def test_sequential_correction_matches_the_fp32_means_layer_by_layer():
     rng = np.random.default_rng(0)
     calib = [{"input": rng.standard_normal((16, 3, 8, 8)).astype(np.float32)} for _ in range(4)]
     nodes = [n.name for n in graph.nodes if n.op == "Conv"]
-    decisions = decide_weights(graph, fp32, nodes, iter(calib), {}, "nearest", "empirical", {}, ctx.normals)
+    decisions = decide_weights(graph, fp32, nodes, iter(calib), {}, "nearest", "empirical", {}, {})
 
     def quantized(biases):
         g = gs.import_onnx(fp32)

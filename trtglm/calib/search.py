@@ -149,6 +149,7 @@ def methods_for(graph: gs.Graph, stats: dict[str, TensorStats], samples: dict, m
     """Calibration method per activation: `method`, or with "auto" the one that errs least in the linear layers
     that read the tensor (DEFAULT_METHOD for tensors read by no linear layer); `pinned` wins."""
     choices: dict[str, Choice] = {}
+    tensors = graph.tensors()
     for name in sorted(stats):
         if name in pinned:
             choices[name] = Choice(pinned[name], {})
@@ -157,15 +158,14 @@ def methods_for(graph: gs.Graph, stats: dict[str, TensorStats], samples: dict, m
         rows = samples[name].rows if name in samples else None
         if weights and rows is not None:
             choices[name] = choose_method(stats[name], rows, weights, percentile)
-        elif method == "auto" and _read_by_convolutions(graph, name, keep_float):
+        elif method == "auto" and _read_by_convolutions(tensors.get(name), keep_float):
             choices[name] = Choice(CONV_METHOD, {})
         else:
             choices[name] = Choice(DEFAULT_METHOD if method == "auto" else method, {})
     return choices
 
 
-def _read_by_convolutions(graph: gs.Graph, name: str, keep_float: frozenset[str]) -> bool:
-    tensor = graph.tensors().get(name)
+def _read_by_convolutions(tensor: gs.Tensor | None, keep_float: frozenset[str]) -> bool:
     readers = [n for n in tensor.outputs if n.name not in keep_float] if tensor is not None else []
     return bool(readers) and all(n.op in ("Conv", "ConvTranspose") and n.inputs[0] is tensor for n in readers)
 

@@ -5,7 +5,7 @@ layers of a transformer and wrong for the depthwise convolutions of a MobileNet/
 This stage decides, once per build, the integer weights of every layer that may be quantized (AdaRound on the
 layer's input statistics, or nearest) and the bias that cancels the layer's expected output shift, either from
 calibration data (empirical: weight rounding and the input's own quantization, E[W_q Q(x)] - E[W x]) or from the
-BatchNorm statistics of its input (analytic, data-free: the rounding part only). Each layer is treated on its own
+BatchNorm statistics of its input (analytic, data-free: the rounding part only; passes/normals.py). Each layer is treated on its own
 FP32 inputs, so the decisions do not depend on which other layers the accuracy budget keeps in float; insert_qdq
 applies them to the layers it quantizes.
 
@@ -19,7 +19,6 @@ layer: minutes for a CNN of 65 layers on two cores, so it is opt-in.
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -59,7 +58,7 @@ class WeightDecisions:
 
 def decide_weights(graph: gs.Graph, model: onnx.ModelProto, nodes: list[str], batches: Iterable[dict] | None,
                    amax: dict[str, float], method: str, correction: str, qmax_of: dict[str, float],
-                   normals: dict, total: int | None = None, log: list[str] | None = None) -> WeightDecisions:
+                   input_means: dict, total: int | None = None, log: list[str] | None = None) -> WeightDecisions:
     """Decisions for the named nodes (Conv/Gemm/MatMul whose weight only they read). `model` is the FP32 model
     of `graph`, run on `batches` for the layer statistics (only when AdaRound or empirical correction needs them);
     `qmax_of` maps op types to their weight range (127, or 63 for 7-bit weights)."""
@@ -83,15 +82,15 @@ def decide_weights(graph: gs.Graph, model: onnx.ModelProto, nodes: list[str], ba
     tensors = graph.tensors()
     with progress_bar(f"{method} rounding", len(layers)) as advance:
         for layer in layers:
-            _decide(layer, by_name[layer.node], tensors, stats.get(layer.node), method, correction, qmax_of, graph,
-                    normals, decisions, log)
+            _decide(layer, by_name[layer.node], tensors, stats.get(layer.node), method, correction, qmax_of,
+                    input_means, decisions, log)
             advance()
     decisions.seconds["rounding"] = round(time.perf_counter() - start, 3)
     return decisions
 
 
 def _decide(layer: LinearLayer, node: gs.Node, tensors: dict, st, method: str, correction: str, qmax_of: dict,
-            graph: gs.Graph, normals: dict, decisions: WeightDecisions, log: list[str]) -> None:
+            input_means: dict, decisions: WeightDecisions, log: list[str]) -> None:
     """The integer weights of one layer and, where its input means are known, its corrected bias."""
     w = np.asarray(tensors[layer.weight].values, dtype=np.float32)
     rows = layer.rows(w)
@@ -101,7 +100,7 @@ def _decide(layer: LinearLayer, node: gs.Node, tensors: dict, st, method: str, c
     if hessian is not None:
         row.update(nearest_error=r.nearest_error, error=r.error, rows_improved=r.improved_rows)
     decisions.weights[layer.weight] = (layer.from_rows(r.q).astype(np.int8), r.scale.reshape(-1))
-    means = _means(layer, st, correction, graph, normals)
+    means = _means(layer, st, correction, input_means)
     if means is not None:
         bias = _bias(node, layer)
         if bias is not None:
@@ -159,13 +158,13 @@ def _channel_means(model: onnx.ModelProto, names: list[str], feeds: list[dict]) 
     return {name: total / max(count, 1) for name, total in sums.items()}
 
 
-def _means(layer: LinearLayer, st, correction: str, graph: gs.Graph, normals: dict):
+def _means(layer: LinearLayer, st, correction: str, input_means: dict):
     """(FP32 input mean, quantized input mean) per input row element, or None."""
     if correction in ("empirical", "sequential") and st is not None:
         return st.mean, st.quantized_mean
     if correction != "analytic":
         return None
-    channel_mean = expected_value(graph.tensors()[layer.input], normals)
+    channel_mean = input_means.get(layer.input)
     if channel_mean is None:
         return None
     if layer.op == "Conv":
@@ -189,68 +188,3 @@ def _bias(node: gs.Node, layer: LinearLayer) -> np.ndarray | None:
         c = np.asarray(node.inputs[2].values, np.float32)
         return c.reshape(-1) if c.size == channels else None
     return None
-
-
-def expected_value(tensor: gs.Tensor, normals: dict, depth: int = 0) -> np.ndarray | None:
-    """Per-channel E[tensor] from BatchNorm statistics: a BatchNorm output is N(beta, gamma^2) per channel; ReLU
-    and Clip of one are clipped normals; zero padding and Identity pass the mean through; an Add adds means."""
-    if depth > 8:
-        return None
-    if tensor.name in normals:
-        return np.asarray(normals[tensor.name][0], dtype=np.float64)
-    producer = tensor.inputs[0] if tensor.inputs else None
-    if producer is None:
-        return None
-    source = producer.inputs[0] if producer.inputs else None
-    if producer.op in ("Pad", "Identity") and isinstance(source, gs.Variable):
-        mode = producer.attrs.get("mode", "constant")
-        if producer.op == "Identity" or mode == "constant":
-            return expected_value(source, normals, depth + 1)
-        return None
-    if producer.op in ("Relu", "Clip") and isinstance(source, gs.Variable) and source.name in normals:
-        low, high = _clip_bounds(producer)
-        mean, std = normals[source.name]
-        return _clipped_normal_mean(np.asarray(mean, np.float64), np.asarray(std, np.float64), low, high)
-    if producer.op == "Min" and len(producer.inputs) == 2 and isinstance(producer.inputs[1], gs.Constant) \
-            and source is not None and source.inputs and source.inputs[0].op == "Relu":
-        pre = source.inputs[0].inputs[0]  # Min(Relu(z), per-channel bound): equalize's rescaled ReLU6
-        if pre.name in normals:
-            mean, std = normals[pre.name]
-            high = np.asarray(producer.inputs[1].values, np.float64).reshape(-1)
-            return _clipped_normal_mean(np.asarray(mean, np.float64), np.asarray(std, np.float64), 0.0, high)
-    if producer.op == "Add" and all(isinstance(t, gs.Variable) for t in producer.inputs):
-        parts = [expected_value(t, normals, depth + 1) for t in producer.inputs]
-        if all(p is not None for p in parts) and parts[0].shape == parts[1].shape:
-            return parts[0] + parts[1]
-    return None
-
-
-def _clip_bounds(node: gs.Node) -> tuple[float, float]:
-    if node.op == "Relu":
-        return 0.0, math.inf
-    bounds = []
-    for index, attr, default in ((1, "min", -math.inf), (2, "max", math.inf)):
-        if len(node.inputs) > index and isinstance(node.inputs[index], gs.Constant):
-            bounds.append(float(np.asarray(node.inputs[index].values).reshape(-1)[0]))
-        else:
-            bounds.append(float(node.attrs.get(attr, default)))
-    return bounds[0], bounds[1]
-
-
-def _clipped_normal_mean(mean: np.ndarray, std: np.ndarray, low: float, high) -> np.ndarray:
-    """E[clip(z, low, high)] for z ~ N(mean, std^2), per channel (std 0: clip(mean)); `high` a scalar or one bound
-    per channel."""
-    high = np.broadcast_to(np.asarray(high, np.float64), mean.shape)
-    out = np.clip(mean, low, high)
-    live = std > 0
-    m, s, high = mean[live], std[live], high[live]
-    a, b = (low - m) / s, (high - m) / s
-    cdf = np.vectorize(lambda t: 0.5 * (1.0 + math.erf(t / math.sqrt(2.0))))
-    pdf = lambda t: np.exp(-0.5 * np.minimum(t * t, 1e4)) / math.sqrt(2.0 * math.pi)  # noqa: E731
-    fa, fb = cdf(a), cdf(b)
-    value = m * (fb - fa) + s * (pdf(a) - pdf(b))
-    if np.isfinite(low):
-        value += low * fa
-    value += np.where(np.isfinite(high), high, 0.0) * (1.0 - fb)
-    out[live] = value
-    return out

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from trtglm.passes.match import constant_value, single_consumer
+from trtglm.passes.match import clip_bounds, constant_value, single_consumer
 
 if TYPE_CHECKING:
     from trtglm.passes import PassContext
@@ -77,7 +77,7 @@ def _pair(conv1: gs.Node, outputs: set[int]) -> tuple[gs.Node, gs.Node] | str:
     if nxt is None:
         return ""
     if nxt.op == "Clip":
-        low = _clip_bound(nxt, 1, "min")
+        low = clip_bounds(nxt)[0]
         if low is None or float(low) != 0.0 or _clip_high(nxt) is None:
             return "the Clip after it does not clip at 0 (to a constant upper bound)"
         act, conv2 = nxt, single_consumer(nxt.outputs[0], outputs)
@@ -113,16 +113,8 @@ def _zero_spatial_pad(pad: gs.Node) -> bool:
     return rank >= 2 and not pads[[0, 1, rank, rank + 1]].any()
 
 
-def _clip_bound(clip: gs.Node, index: int, attr: str):
-    """A Clip's bound: input `index` from opset 11, attribute `attr` before; None when not a constant."""
-    if len(clip.inputs) > index and not clip.inputs[index].is_empty():
-        value = constant_value(clip.inputs[index])
-        return None if value is None else float(np.asarray(value).reshape(-1)[0])
-    return float(clip.attrs.get(attr, -np.inf if attr == "min" else np.inf))
-
-
 def _clip_high(clip: gs.Node) -> float | None:
-    return _clip_bound(clip, 2, "max")
+    return clip_bounds(clip)[1]
 
 
 def _per_channel_clip(graph: gs.Graph, clip: gs.Node, bounds: np.ndarray, rank: int) -> None:

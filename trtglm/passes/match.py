@@ -30,3 +30,15 @@ def constant_value(tensor: gs.Tensor) -> np.ndarray | None:
     if node is not None and node.op == "Constant" and isinstance(node.attrs.get("value"), gs.Constant):
         return np.asarray(node.attrs["value"].values)
     return None
+
+
+def clip_bounds(clip: gs.Node) -> tuple[float | None, float | None]:
+    """A Clip's (min, max): inputs from opset 11, attributes before; +-inf when absent, None when computed."""
+    bounds = []
+    for index, attr, default in ((1, "min", -np.inf), (2, "max", np.inf)):
+        if len(clip.inputs) > index and not clip.inputs[index].is_empty():
+            value = constant_value(clip.inputs[index])
+            bounds.append(None if value is None else float(np.asarray(value).reshape(-1)[0]))
+        else:
+            bounds.append(float(clip.attrs.get(attr, default)))
+    return bounds[0], bounds[1]
