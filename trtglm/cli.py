@@ -89,6 +89,9 @@ def main(ctx: click.Context, debug: bool):
 @click.option("--eval", "eval_", type=_PATH, help="Held-out data (default: 20%% of the calibration data).")
 @click.option("--exclude", multiple=True, help="Node name or op type (glob) kept in float; repeatable.")
 @click.option("--int8-attention", is_flag=True, help="Also quantize attention BMMs (Q.K^T, P.V).")
+@click.option("--unsigned/--no-unsigned", default=True, show_default=True,
+              help="Quantize ReLU outputs read by Conv/Gemm as x - amax/2 on all 255 int8 levels (the shift goes "
+                   "into the consumer's bias); --no-unsigned keeps them on the symmetric grid's 0..127.")
 @click.option("--smoothquant", default="auto", show_default=True,
               help="SmoothQuant: auto (alpha searched per activation by output error), off, or an alpha in [0, 1].")
 @click.option("--accuracy-budget", type=float,
@@ -121,7 +124,7 @@ def main(ctx: click.Context, debug: bool):
 @_engine_options
 @click.pass_context
 def build(ctx, model, int8, weight_only, block_size, asymmetric, backend, kv_cache, fp16, attention, tokenizer, max_seq, calib, calib_script, calib_cache, calib_method, percentile, preprocess, eval_,
-          exclude, int8_attention, smoothquant, accuracy_budget, quant_config, target, check_tol, batch_size, max_calib_samples, out, out_onnx,
+          exclude, int8_attention, unsigned, smoothquant, accuracy_budget, quant_config, target, check_tol, batch_size, max_calib_samples, out, out_onnx,
           executor, ray_address, workers, equalize, weight_rounding, bias_correction, plugin_ops, shapes, batch_profile, opt_level, workspace, timing_cache, plugins, implicit_cache):
     """Fuse, calibrate and quantize MODEL; verify INT8 against FP32 on ONNX Runtime."""
     from trtglm import pipeline
@@ -137,6 +140,7 @@ def build(ctx, model, int8, weight_only, block_size, asymmetric, backend, kv_cac
                           tokenizer=tokenizer, max_seq=max_seq, calib=calib,
                           calib_script=calib_script, calib_cache=calib_cache, calib_method=calib_method,
                           percentile=percentile, preprocess=preprocess, eval=eval_, exclude=tuple(exclude), int8_attention=int8_attention,
+                          unsigned=unsigned,
                           smoothquant=_smoothquant(smoothquant), accuracy_budget=accuracy_budget,
                           quant_config=quant_config,
                           target=target, check_tol=check_tol, batch_size=batch_size,

@@ -38,6 +38,7 @@ class PrecisionPolicy:
     # attention needs head size 16/32/64 and sequence <= 512, and they carry the softmax's dynamic range.
     int8_attention: bool = False
     keep_float: frozenset[str] = frozenset()  # exact node names kept in float (accuracy budget, --quant-config)
+    unsigned: bool = True  # non-negative activations (ReLU outputs) on the unsigned grid (passes/insert_qdq)
 
 
 @dataclass(frozen=True)
@@ -75,6 +76,7 @@ class BuildConfig:
     eval: Path | None = None  # held-out data; default: a split of the calibration data
     exclude: tuple[str, ...] = ()  # node names or op types (glob) kept in float
     int8_attention: bool = False  # also quantize the attention BMMs
+    unsigned: bool = True  # non-negative activations on the unsigned grid (passes/insert_qdq)
     smoothquant: float | str | None = None  # alpha in [0, 1], "off"; None: auto (per tensor, by output error)
     accuracy_budget: float | None = None  # keep the most sensitive layers float until 1 - cosine <= this
     quant_config: Path | None = None  # decisions of an earlier build (quant_config.json), edited or not
@@ -163,7 +165,7 @@ class BuildConfig:
 
     @property
     def policy(self) -> PrecisionPolicy:
-        return PrecisionPolicy(exclude=self.exclude, int8_attention=self.int8_attention)
+        return PrecisionPolicy(exclude=self.exclude, int8_attention=self.int8_attention, unsigned=self.unsigned)
 
     @property
     def static_int8(self) -> bool:

@@ -132,8 +132,8 @@ def build(cfg: BuildConfig, console=None) -> dict:
             con.print(f"[yellow]warning[/]: --attention native: {unmatched} Softmax not part of a recognised attention "
                       "block, kept decomposed (report.json: pass_log says why)")
         con.print(f"[bold]passes[/] {_fmt_counts(pass_counts)}"
-                  + (f"; Q/DQ plan: {len(plan.activations)} activations, {len(plan.weights)} weights" if cfg.static_int8
-                     else ""))
+                  + (f"; Q/DQ plan: {len(plan.activations)} activations ({len(plan.unsigned)} unsigned), "
+                     f"{len(plan.weights)} weights" if cfg.static_int8 else ""))
         stats, alphas, methods, scales, sens = {}, {}, {}, Scales({}, {}), None
         decisions = WeightDecisions()
         calibrated = fp32  # the FP32 graph that was calibrated: after SmoothQuant, the smoothed one
@@ -171,7 +171,8 @@ def build(cfg: BuildConfig, console=None) -> dict:
                     methods = search.methods_for(graph, stats, samples, cfg.calib_method, cfg.percentile,
                                                  {_smoothed(n, smooth): m for n, m in pinned.method.items()},
                                                  policy.keep_float)
-                    scales = scales_for(stats, {n: c.value for n, c in methods.items()}, cfg.percentile)
+                    scales = scales_for(stats, {n: c.value for n, c in methods.items()}, cfg.percentile,
+                                        frozenset(plan.unsigned))
             if cfg.weight_rounding != "nearest" or cfg.bias_correction != "none":
                 with timer.stage("weights"):
                     data = calib_set.batches(calib_idx, cfg.batch_size) if calib_set is not None else None
@@ -182,7 +183,7 @@ def build(cfg: BuildConfig, console=None) -> dict:
                                                cfg.weight_rounding, cfg.bias_correction,
                                                {op: 63.0 for op in seven_bit_ops}, means,
                                                calib_data.batch_count(calib_set, calib_idx, cfg.batch_size)
-                                               if calib_set is not None else None, ctx.log)
+                                               if calib_set is not None else None, ctx.log, frozenset(plan.unsigned))
             if cfg.accuracy_budget is not None:
                 with timer.stage("sensitivity"):
                     feeds = list(calib_set.batches(calib_idx[:SENSITIVITY_SAMPLES], cfg.batch_size))

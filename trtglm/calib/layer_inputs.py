@@ -21,6 +21,7 @@ import onnx_graphsurgeon as gs
 
 from trtglm import runtime
 from trtglm.calib.collect import checked_feeds, graph_inputs, progress_bar, with_outputs
+from trtglm.calib.methods import activation_grid
 from trtglm.errors import DataError
 
 # Values (groups x rows x K) per layer and batch that enter the statistics, a convolution's output positions
@@ -152,28 +153,30 @@ class InputStats:
     def quantized_mean(self) -> np.ndarray:
         return self.quantized_total / max(self.count, 1)
 
-    def add(self, layer: LinearLayer, x: np.ndarray, amax: float | None) -> None:
+    def add(self, layer: LinearLayer, x: np.ndarray, amax: float | None, unsigned: bool = False) -> None:
         rows = flush_tiny(input_rows(layer, x, max(MIN_ROWS, MAX_VALUES // self.gram[..., 0].size)))
         self.gram += np.matmul(rows.transpose(0, 2, 1), rows)
         self.count += rows.shape[1]
         sums = rows.sum(axis=1)
         self.total += sums
-        self.quantized_total += quantized_sums(rows, amax) if amax is not None else sums
+        self.quantized_total += quantized_sums(rows, amax, unsigned) if amax is not None else sums
 
 
-def quantized_sums(rows: np.ndarray, amax: float) -> np.ndarray:
-    """rows.sum(axis=1) after QuantizeLinear -> DequantizeLinear with insert_qdq's per-tensor scale."""
-    scale = np.float32(max(amax, 1e-12) / 127.0)
-    q = np.rint(rows / scale)
+def quantized_sums(rows: np.ndarray, amax: float, unsigned: bool = False) -> np.ndarray:
+    """rows.sum(axis=1) after QuantizeLinear -> DequantizeLinear with insert_qdq's per-tensor grid. Zero padding
+    in the rows is exact on both grids."""
+    scale, centre = activation_grid(amax, unsigned)
+    q = np.rint((rows - centre) / scale)
     np.clip(q, -127, 127, out=q)
-    return q.sum(axis=1) * np.float64(scale)
+    return q.sum(axis=1) * np.float64(scale) + np.float64(centre) * rows.shape[1]
 
 
 def collect_layer_inputs(model: onnx.ModelProto, layers: list[LinearLayer], batches: Iterable[dict[str, np.ndarray]],
                          amax: dict[str, float], total: int | None = None,
-                         description: str = "layer statistics") -> dict[str, InputStats]:
+                         description: str = "layer statistics", unsigned: frozenset[str] = frozenset()
+                         ) -> dict[str, InputStats]:
     """InputStats of every layer over all batches; `amax` holds the calibrated range of the inputs that will be
-    quantized (the others are used as they are)."""
+    quantized (the others are used as they are), on the unsigned grid for those in `unsigned`."""
     inputs = graph_inputs(model)
     names = sorted({layer.input for layer in layers if layer.input not in inputs})
     session = runtime.session(with_outputs(model, names), optimize=True)
@@ -187,14 +190,16 @@ def collect_layer_inputs(model: onnx.ModelProto, layers: list[LinearLayer], batc
                 raise DataError(f"calibration batch {index}: ONNX Runtime failed: {str(e).strip()}") from e
             values.update({n: feeds[n] for n in inputs if n in feeds})
             for layer in layers:
-                _add(stats, layer, np.asarray(values[layer.input], dtype=np.float32), amax.get(layer.input))
+                _add(stats, layer, np.asarray(values[layer.input], dtype=np.float32), amax.get(layer.input),
+                     layer.input in unsigned)
             advance()
     return stats
 
 
-def _add(stats: dict[str, InputStats], layer: LinearLayer, x: np.ndarray, amax: float | None) -> None:
+def _add(stats: dict[str, InputStats], layer: LinearLayer, x: np.ndarray, amax: float | None,
+         unsigned: bool = False) -> None:
     if layer.node not in stats:
         g = layer.groups
         k = int(np.prod(layer.weight_shape)) // layer.weight_shape[layer.channel_axis]
         stats[layer.node] = InputStats(np.zeros((g, k, k)), np.zeros((g, k)), np.zeros((g, k)))
-    stats[layer.node].add(layer, x, amax)
+    stats[layer.node].add(layer, x, amax, unsigned)

@@ -1,6 +1,9 @@
 """Calibration methods: from a tensor's |x| histogram to the amax (clipping threshold) of symmetric int8.
 
-The int8 scale of a tensor is amax / 127. Each method trades clipping error (values above amax saturate) against
+The int8 scale of a tensor is amax / 127: 128 levels of |x| on [0, amax]. A tensor that is non-negative by
+construction (a ReLU output, see passes/insert_qdq) is quantized on an *unsigned grid* instead: centred at
+amax / 2, so the int8 values -127..127 cover [0, amax] with 255 levels, twice the resolution (`activation_grid`).
+Each method trades clipping error (values above amax saturate) against
 rounding error (a larger amax means a coarser step):
 
 - minmax: amax = absmax. No clipping; one outlier can waste most of the 256 levels.
@@ -29,6 +32,7 @@ from trtglm.errors import ConfigError
 METHODS = ("entropy", "minmax", "percentile", "mse")
 MIN_AMAX = MIN_RANGE  # the histogram resolves nothing below this; tensors this small are zero at int8
 QUANT_LEVELS = 128  # levels of |x| in symmetric int8 (0..127): the size of the quantized distribution Q
+UNSIGNED_LEVELS = 255  # levels on [0, amax] of a centred grid (-127..127 around amax / 2)
 START_BIN = 128  # the smallest threshold considered by entropy and mse, in bins
 
 
@@ -48,16 +52,28 @@ class Scales:
         return Scales({**self.amax, **other.amax}, {**self.method, **other.method})
 
 
-def amax_from_stats(stats: TensorStats, method: str, percentile: float = 99.99) -> float:
-    """The clipping threshold of one tensor: a positive, float32-representable float."""
+def activation_grid(amax: float, unsigned: bool = False) -> tuple[np.float32, np.float32]:
+    """(scale, centre) of an activation's int8 grid: x -> centre + scale * clip(round((x - centre) / scale), -127,
+    127). Signed: amax / 127 around 0. Unsigned: amax / 254 around 127 * scale, so that 0 (ReLU's zeros, zero
+    padding) is the grid point -127 exactly."""
+    if not unsigned:
+        return np.float32(max(amax, 1e-12) / 127.0), np.float32(0.0)
+    scale = np.float32(max(amax, 1e-12) / 254.0)
+    return scale, np.float32(127.0 * scale)
+
+
+def amax_from_stats(stats: TensorStats, method: str, percentile: float = 99.99, unsigned: bool = False) -> float:
+    """The clipping threshold of one tensor: a positive, float32-representable float. `unsigned`: for the
+    unsigned grid (255 levels on [0, amax]), which entropy and mse trade off differently."""
+    levels = UNSIGNED_LEVELS if unsigned else QUANT_LEVELS
     if method == "minmax":
         value = stats.absmax
     elif method == "entropy":
-        value = _from_bins(stats, entropy_bins(stats.hist))
+        value = _from_bins(stats, entropy_bins(stats.hist, levels))
     elif method == "percentile":
         value = _from_bins(stats, percentile_bins(stats.hist, percentile))
     elif method == "mse":
-        value = _from_bins(stats, mse_bins(stats.hist))
+        value = _from_bins(stats, mse_bins(stats.hist, levels))
     else:
         raise ConfigError(f"calibration method {method!r}: choose one of {', '.join(METHODS)}")
     return float(max(np.float32(min(value, stats.absmax)), np.float32(MIN_AMAX)))
@@ -68,12 +84,14 @@ def scales_from_stats(stats: dict[str, TensorStats], method: str, percentile: fl
     return scales_for(stats, {name: method for name in stats}, percentile)
 
 
-def scales_for(stats: dict[str, TensorStats], methods: dict[str, str], percentile: float = 99.99) -> Scales:
-    """Scales of every tensor with its own method (`methods`: tensor name -> method)."""
+def scales_for(stats: dict[str, TensorStats], methods: dict[str, str], percentile: float = 99.99,
+               unsigned: frozenset[str] = frozenset()) -> Scales:
+    """Scales of every tensor with its own method (`methods`: tensor name -> method); the tensors in `unsigned`
+    are calibrated for the unsigned grid."""
     names = sorted(stats)
     # tensors are independent and numpy releases the GIL: a thread per core; map() keeps the sorted order
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
-        amax = list(pool.map(lambda n: amax_from_stats(stats[n], methods[n], percentile), names))
+        amax = list(pool.map(lambda n: amax_from_stats(stats[n], methods[n], percentile, n in unsigned), names))
     return Scales(dict(zip(names, amax)), {n: methods[n] for n in names})
 
 
@@ -91,17 +109,17 @@ def percentile_bins(hist: np.ndarray, percentile: float) -> int | None:
     return int(np.searchsorted(cum, target, side="left")) + 1
 
 
-def entropy_bins(hist: np.ndarray) -> int | None:
+def entropy_bins(hist: np.ndarray, levels: int = QUANT_LEVELS) -> int | None:
     """TensorRT's KL-divergence search: the number of bins i (a threshold of i bins) minimising KL(P || Q).
 
-    For each candidate i in START_BIN..last nonzero bin + 1:
+    For each candidate i in max(START_BIN, levels)..last nonzero bin + 1:
       P = hist[:i] with the outliers sum(hist[i:]) added to bin i-1 (clipping maps them to the threshold);
-      Q = hist[:i] (without outliers) merged into 128 contiguous chunks of i // 128 bins (the last chunk takes
-          the remainder), each chunk's total spread evenly over the chunk's bins where P is nonzero;
+      Q = hist[:i] (without outliers) merged into `levels` (128; 255 for the unsigned grid) contiguous chunks of
+          i // levels bins (the last takes the remainder), each chunk's total spread evenly over its bins where P > 0;
       both normalised; KL summed over bins where P > 0.
     Q is zero where P > 0 only when the last chunk holds no values but outliers land in its bin i-1; such a
     candidate cannot represent the mass at the threshold, so its divergence is +inf (no epsilon is added).
-    Ties go to the smallest i. Returns None when there are fewer than START_BIN bins to choose from.
+    Ties go to the smallest i. Returns None when there are too few bins to choose from.
 
     Vectorised over all candidates with prefix sums: with N values in all, M = sum(hist[:i]), chunk totals C_k
     over n_k nonzero bins (counting P's nonzero bins), KL = (sum P log P - sum_k C'_k log(C_k / n_k)) / N
@@ -109,7 +127,8 @@ def entropy_bins(hist: np.ndarray) -> int | None:
     """
     h = np.asarray(hist, dtype=np.float64)
     nonzero = np.flatnonzero(h)
-    if nonzero.size == 0 or nonzero[-1] + 1 < START_BIN:
+    start = max(START_BIN, levels)
+    if nonzero.size == 0 or nonzero[-1] + 1 < start:
         return None
     stop = int(nonzero[-1]) + 1
     total = h.sum()
@@ -119,11 +138,11 @@ def entropy_bins(hist: np.ndarray) -> int | None:
     hlogh[h > 0] = h[h > 0] * np.log(h[h > 0])
     chlogh = np.concatenate(([0.0], np.cumsum(hlogh)))
 
-    cand = np.arange(START_BIN, stop + 1)  # i
+    cand = np.arange(start, stop + 1)  # i
     outliers = total - cum[cand]
     last_p = h[cand - 1] + outliers  # P[i-1]
-    # chunk edges: k * (i // 128) for k < 128, then i
-    edges = (cand // QUANT_LEVELS)[:, None] * np.arange(QUANT_LEVELS + 1)[None, :]
+    # chunk edges: k * (i // levels) for k < levels, then i
+    edges = (cand // levels)[:, None] * np.arange(levels + 1)[None, :]
     edges[:, -1] = cand
     chunk = cum[edges[:, 1:]] - cum[edges[:, :-1]]  # C_k, from hist without outliers
     nbins = (cnz[edges[:, 1:]] - cnz[edges[:, :-1]]).astype(np.float64)
@@ -138,10 +157,11 @@ def entropy_bins(hist: np.ndarray) -> int | None:
     return int(cand[int(np.argmin(kl))])
 
 
-def mse_bins(hist: np.ndarray) -> int | None:
+def mse_bins(hist: np.ndarray, levels: int = QUANT_LEVELS) -> int | None:
     """The threshold i (in bins, START_BIN..last nonzero bin + 1) minimising the expected squared int8 error.
 
-    A value below the threshold a contributes the uniform rounding noise step**2 / 12 (step = a / 127); a value
+    A value below the threshold a contributes the uniform rounding noise step**2 / 12 (step = a / (levels - 1):
+    a / 127, or a / 254 on the unsigned grid); a value
     above it is clipped to a and contributes (c - a)**2, c its bin centre. Tail sums make it O(bins). In bin units.
     """
     h = np.asarray(hist, dtype=np.float64)
@@ -155,5 +175,5 @@ def mse_bins(hist: np.ndarray) -> int | None:
     cand = np.arange(START_BIN, stop + 1)
     a = cand.astype(np.float64)
     inside = s0[0] - s0[cand]
-    err = inside * (a / 127.0) ** 2 / 12.0 + (s2[cand] - 2.0 * a * s1[cand] + a * a * s0[cand])
+    err = inside * (a / (levels - 1.0)) ** 2 / 12.0 + (s2[cand] - 2.0 * a * s1[cand] + a * a * s0[cand])
     return int(cand[int(np.argmin(err))])

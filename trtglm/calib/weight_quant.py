@@ -58,10 +58,12 @@ class WeightDecisions:
 
 def decide_weights(graph: gs.Graph, model: onnx.ModelProto, nodes: list[str], batches: Iterable[dict] | None,
                    amax: dict[str, float], method: str, correction: str, qmax_of: dict[str, float],
-                   input_means: dict, total: int | None = None, log: list[str] | None = None) -> WeightDecisions:
+                   input_means: dict, total: int | None = None, log: list[str] | None = None,
+                   unsigned: frozenset[str] = frozenset()) -> WeightDecisions:
     """Decisions for the named nodes (Conv/Gemm/MatMul whose weight only they read). `model` is the FP32 model
     of `graph`, run on `batches` for the layer statistics (only when AdaRound or empirical correction needs them);
-    `qmax_of` maps op types to their weight range (127, or 63 for 7-bit weights)."""
+    `qmax_of` maps op types to their weight range (127, or 63 for 7-bit weights); the inputs named in `unsigned`
+    are quantized on the unsigned grid."""
     log = log if log is not None else []
     by_name = {n.name: n for n in graph.nodes}
     layers = []
@@ -76,7 +78,7 @@ def decide_weights(graph: gs.Graph, model: onnx.ModelProto, nodes: list[str], ba
     stats = {}
     if method == "adaround" or correction in ("empirical", "sequential"):
         start = time.perf_counter()
-        stats = collect_layer_inputs(model, layers, batches, amax, total)
+        stats = collect_layer_inputs(model, layers, batches, amax, total, unsigned=unsigned)
         decisions.seconds["statistics"] = round(time.perf_counter() - start, 3)
     start = time.perf_counter()
     tensors = graph.tensors()
@@ -128,18 +130,29 @@ def correct_sequentially(fp32: onnx.ModelProto, quantized: onnx.ModelProto, node
                and by_name[n].input[2] in inits]
     outputs = [n.output[0] for n in targets]
     reference = _channel_means(fp32, outputs, feeds)
+    given = _biases(fp32, [n.name for n in targets]) | biases  # what insert_qdq starts from
     corrected = dict(biases)
     with progress_bar("sequential bias correction", len(targets)) as advance:
         for node, out in zip(targets, outputs):
             got = _channel_means(q, [out], feeds)[out]
             tensor = inits[node.input[2]]
-            bias = numpy_helper.to_array(tensor)
+            bias = numpy_helper.to_array(tensor)  # may hold more than `given`: an unsigned input's shift
             if got.size == bias.size:
-                new = (bias.reshape(-1).astype(np.float64) - (got - reference[out])).astype(bias.dtype)
+                shift = got - reference[out]
+                new = (bias.reshape(-1).astype(np.float64) - shift).astype(bias.dtype)
                 tensor.CopyFrom(numpy_helper.from_array(new.reshape(bias.shape), tensor.name))
-                corrected[node.name] = new.reshape(-1).astype(np.float32)
+                start = given.get(node.name, np.zeros(got.size))
+                corrected[node.name] = (np.asarray(start, np.float64).reshape(-1) - shift).astype(np.float32)
             advance()
     return corrected
+
+
+def _biases(model: onnx.ModelProto, nodes: list[str]) -> dict[str, np.ndarray]:
+    """The constant bias (input 2) of each named node that has one."""
+    inits = {t.name: t for t in model.graph.initializer}
+    wanted = set(nodes)
+    return {n.name: numpy_helper.to_array(inits[n.input[2]]).reshape(-1) for n in model.graph.node
+            if n.name in wanted and len(n.input) > 2 and n.input[2] in inits}
 
 
 def _channel_means(model: onnx.ModelProto, names: list[str], feeds: list[dict]) -> dict[str, np.ndarray]:

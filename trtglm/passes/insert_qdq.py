@@ -10,6 +10,14 @@ layers around them by fixed patterns. Placement decides which kernels it can pic
 - in a skip connection Add(Conv(x), y) the residual input y is quantized, so TensorRT fuses the Add into the
   Conv as an INT8 residual (a Conv with an unquantized output feeding the Add is the one it fuses);
 - graph outputs are never quantized, and one Q/DQ pair per tensor is shared by all of its consumers;
+- a tensor that is non-negative by construction (ReLU, Clip at 0, ReLU6, and pooling/padding/reshaping of those)
+  and read only by Conv/Gemm layers goes on the *unsigned grid*: TensorRT's INT8 is symmetric, so a ReLU output
+  would use only 0..127. Quantizing x - amax/2 instead uses -127..127 (twice the resolution, a quarter of the noise
+  power), and Conv(x) = Conv(x - c) + c * sum(W) puts the shift back through the consumer's bias, computed with
+  the dequantized weights so that the INT8 layer equals W_q (x_q) + b exactly. The Sub goes in front of a zero
+  Pad (which then pads with -c), so that it is a pointwise op right after the producing convolution's ReLU, which
+  TensorRT fuses into that kernel's epilogue (its documented pointwise fusion; not measured here). Consumers with
+  implicit zero padding (a Conv `pads` attribute) would pad x - c with 0, so their inputs stay signed;
 - tensors that are not numerically activations stay float: integer and shape tensors, tensors computed only
   from integer inputs (a mask cast to float), and additive attention masks feeding a Softmax.
 
@@ -25,7 +33,9 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx_graphsurgeon as gs
 
+from trtglm.calib.methods import activation_grid
 from trtglm.config import PrecisionPolicy
+from trtglm.passes.match import clip_bounds, constant_value
 
 QUANTIZED_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 CONV_OPS = ("Conv", "ConvTranspose")
@@ -42,6 +52,7 @@ class QdqPlan:
     weight_ops: dict[str, str] = field(default_factory=dict)  # constant name -> op type of its consumer
     skipped: dict[str, str] = field(default_factory=dict)  # node name -> why it stays float
     residual_adds: list[str] = field(default_factory=list)  # Add nodes whose residual input is quantized
+    unsigned: list[str] = field(default_factory=list)  # activations on the unsigned grid (a subset, sorted)
 
 
 def plan_qdq(graph: gs.Graph, policy: PrecisionPolicy = PrecisionPolicy()) -> QdqPlan:
@@ -81,6 +92,9 @@ def plan_qdq(graph: gs.Graph, policy: PrecisionPolicy = PrecisionPolicy()) -> Qd
                 activations.add(tensor.name)
     plan.activations = sorted(activations)
     plan.residual_adds.sort()
+    if policy.unsigned:
+        tensors = graph.tensors()
+        plan.unsigned = [n for n in plan.activations if _non_negative(tensors[n]) and _shiftable(tensors[n], plan)]
     return plan
 
 
@@ -97,10 +111,12 @@ def insert_qdq(graph: gs.Graph, plan: QdqPlan, amax: dict[str, float], seven_bit
     """
     tensors = graph.tensors()
     count = 0
+    shifted: list[tuple[gs.Node, np.float32]] = []  # consumers of unsigned tensors and their shifts
+    unsigned = set(plan.unsigned)
     for name in plan.activations:
         if name not in amax:
             continue  # no statistics (e.g. a calibration cache without this tensor): stays float
-        count += _quantize_activation(graph, tensors[name], float(amax[name]), plan.skipped)
+        count += _quantize_activation(graph, tensors[name], float(amax[name]), plan.skipped, name in unsigned, shifted)
     for name in sorted(plan.weights):
         bits = 7 if plan.weight_ops.get(name) in seven_bit_ops else 8
         given = (integer_weights or {}).get(name)
@@ -108,6 +124,9 @@ def insert_qdq(graph: gs.Graph, plan: QdqPlan, amax: dict[str, float], seven_bit
     for node in graph.nodes:
         if node.name in (biases or {}) and len(node.inputs) > 1 and _dequantized(node.inputs[1]):
             _set_bias(node, biases[node.name])
+    for node, centre in shifted:
+        _set_bias(node, _bias_of(node) + np.float64(centre) * _dequantized_weight(node).sum(axis=_reduce_axis(node)),
+                  "shifted")
     graph.cleanup().toposort()
     return count
 
@@ -203,6 +222,59 @@ def _residual_input(add: gs.Node, float_acts: set[str], order: dict[int, int]) -
     return inputs[1] if inputs[0] is fused else inputs[0]
 
 
+NON_NEGATIVE_OPS = ("Relu", "Sigmoid", "Softmax")
+SAME_SIGN_OPS = ("MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool", "Reshape", "Flatten", "Transpose",
+                 "Identity", "Squeeze", "Unsqueeze")  # >= 0 wherever their data input is
+
+
+def _non_negative(tensor: gs.Tensor, depth: int = 16) -> bool:
+    """Whether every value of the tensor is >= 0 for any model input, from the ops that produce it."""
+    if isinstance(tensor, gs.Constant):
+        return tensor.values.size > 0 and bool(np.all(np.asarray(tensor.values) >= 0))
+    if depth == 0 or not tensor.inputs:
+        return False
+    node = tensor.inputs[0]
+    if node.op in NON_NEGATIVE_OPS:
+        return True
+    if node.op == "Clip":
+        low = clip_bounds(node)[0]
+        return low is not None and low >= 0.0
+    if node.op in SAME_SIGN_OPS:
+        return _non_negative(node.inputs[0], depth - 1)
+    if node.op == "Pad":
+        value = constant_value(node.inputs[2]) if len(node.inputs) > 2 and not node.inputs[2].is_empty() else 0.0
+        return (node.attrs.get("mode", "constant") != "constant" or value is not None and np.all(value >= 0)) \
+            and _non_negative(node.inputs[0], depth - 1)
+    if node.op in ("Min", "Concat", "Mul"):  # Relu + per-channel Min from equalize; Mul of non-negatives
+        return all(_non_negative(t, depth - 1) for t in node.inputs)
+    if node.op == "Max":
+        return any(_non_negative(t, depth - 1) for t in node.inputs)
+    return False
+
+
+def _shiftable(tensor: gs.Variable, plan: QdqPlan) -> bool:
+    """Every node that will read the dequantized tensor can take the shift in its bias: a Conv without implicit
+    padding or a plain Gemm (alpha = beta = 1, a per-output bias), reading it as data with planned weights."""
+    readers = [n for n in tensor.outputs if n.name not in plan.skipped]
+    return bool(readers) and all(_takes_shift(n, tensor, plan) for n in readers)
+
+
+def _takes_shift(node: gs.Node, tensor: gs.Variable, plan: QdqPlan) -> bool:
+    if len(node.inputs) < 2 or node.inputs[0] is not tensor or node.inputs[1].name not in plan.weights:
+        return False
+    bias = node.inputs[2] if len(node.inputs) > 2 and not node.inputs[2].is_empty() else None
+    if bias is not None and not isinstance(bias, gs.Constant):
+        return False
+    if node.op == "Conv":
+        pads = node.attrs.get("pads", [0])
+        return node.attrs.get("auto_pad", "NOTSET") in ("NOTSET", "VALID") and not any(pads)
+    if node.op == "Gemm":
+        out = node.inputs[1].values.shape[0 if node.attrs.get("transB", 0) else 1]
+        return (not node.attrs.get("transA", 0) and float(node.attrs.get("alpha", 1.0)) == 1.0
+                and float(node.attrs.get("beta", 1.0)) == 1.0 and (bias is None or bias.values.size == out))
+    return False
+
+
 def _weight_axis(node: gs.Node, idx: int, tensor: gs.Constant) -> int:
     """The output-channel axis of a constant input, or -1 for per-tensor."""
     rank = tensor.values.ndim
@@ -228,22 +300,58 @@ def _zero_point(name: str, size: int | None) -> gs.Constant:
     return gs.Constant(name, np.zeros(size, dtype=np.int8) if size else np.array(0, dtype=np.int8))
 
 
-def _quantize_activation(graph: gs.Graph, tensor: gs.Variable, amax: float, keep_float) -> int:
-    """One Q/DQ pair for the tensor, read by every consumer except the nodes kept in float."""
+def _quantize_activation(graph: gs.Graph, tensor: gs.Variable, amax: float, keep_float, unsigned: bool = False,
+                         shifted: list | None = None) -> int:
+    """One Q/DQ pair for the tensor, read by every consumer except the nodes kept in float. On the unsigned grid
+    the pair quantizes tensor - centre, and the consumers are appended to `shifted` for their bias."""
     consumers = [n for n in tensor.outputs if n.op != "QuantizeLinear" and n.name not in keep_float]
     if not consumers:
         return 0
-    scale = _scale_const(f"{tensor.name}_scale", max(amax, 1e-12) / 127.0)
+    step, centre = activation_grid(amax, unsigned)
+    scale = _scale_const(f"{tensor.name}_scale", step)
     zp = _zero_point(f"{tensor.name}_zero_point", None)
     q_out = gs.Variable(f"{tensor.name}_quantized", dtype=np.int8, shape=tensor.shape)
     dq_out = gs.Variable(f"{tensor.name}_dequantized", dtype=tensor.dtype, shape=tensor.shape)
-    graph.nodes.append(gs.Node("QuantizeLinear", f"{tensor.name}_QuantizeLinear", inputs=[tensor, scale, zp],
+    source = _centred(graph, tensor, centre, consumers) if unsigned else tensor
+    if unsigned and shifted is not None:
+        shifted.extend((n, centre) for n in consumers)
+    graph.nodes.append(gs.Node("QuantizeLinear", f"{tensor.name}_QuantizeLinear", inputs=[source, scale, zp],
                                outputs=[q_out]))
     graph.nodes.append(gs.Node("DequantizeLinear", f"{tensor.name}_DequantizeLinear", inputs=[q_out, scale, zp],
                                outputs=[dq_out]))
     for node in consumers:
         _replace_input(node, tensor, dq_out)
     return 1
+
+
+def _centred(graph: gs.Graph, tensor: gs.Variable, centre: np.float32, consumers: list[gs.Node]) -> gs.Variable:
+    """tensor - centre. When the tensor is a zero Pad's output that only `consumers` read, and the Pad's input
+    only feeds the Pad, the Sub goes in front of the Pad (padding with -centre): the ReLU, the Sub and the
+    convolution before it become one kernel in TensorRT."""
+    pad = tensor.inputs[0] if tensor.inputs else None
+    padded = (pad is not None and pad.op == "Pad" and pad.attrs.get("mode", "constant") == "constant"
+              and len(pad.inputs[0].outputs) == 1 and isinstance(pad.inputs[0], gs.Variable)
+              and all(t is not pad.inputs[0] for t in graph.outputs)
+              and all(any(n is c for c in consumers) for n in tensor.outputs)
+              and all(t is not tensor for t in graph.outputs))
+    value = constant_value(pad.inputs[2]) if padded and len(pad.inputs) > 2 and not pad.inputs[2].is_empty() \
+        else np.float32(0.0)
+    if padded and value is not None and float(np.asarray(value).reshape(-1)[0]) == 0.0:
+        data = pad.inputs[0]
+        centred = gs.Variable(f"{data.name}_centred", dtype=data.dtype, shape=data.shape)
+        graph.nodes.append(gs.Node("Sub", f"{data.name}_centre", inputs=[data, _scale_const(f"{data.name}_centre",
+                                                                                          centre)],
+                                   outputs=[centred]))
+        pad.inputs[0] = centred
+        while len(pad.inputs) < 3:
+            pad.inputs.append(gs.Variable.empty())
+        pad.inputs[2] = _scale_const(f"{tensor.name}_pad_value", -centre)
+        return tensor  # now itself centred
+    centred = gs.Variable(f"{tensor.name}_centred", dtype=tensor.dtype, shape=tensor.shape)
+    graph.nodes.append(gs.Node("Sub", f"{tensor.name}_centre", inputs=[tensor, _scale_const(f"{tensor.name}_centre",
+                                                                                          centre)],
+                               outputs=[centred]))
+    return centred
 
 
 def _quantize_weight(graph: gs.Graph, tensor: gs.Constant, axis: int, bits: int, keep_float,
@@ -287,12 +395,35 @@ def _dequantized(tensor: gs.Tensor) -> bool:
     return bool(tensor.inputs) and tensor.inputs[0].op == "DequantizeLinear"
 
 
-def _set_bias(node: gs.Node, bias: np.ndarray) -> None:
+def _bias_of(node: gs.Node) -> np.ndarray:
+    bias = node.inputs[2] if len(node.inputs) > 2 and not node.inputs[2].is_empty() else None
+    return np.asarray(bias.values, dtype=np.float64).reshape(-1) if bias is not None else np.float64(0.0)
+
+
+def _dequantized_weight(node: gs.Node) -> np.ndarray:
+    """The weight a quantized layer computes with: int8 values times their per-channel scales."""
+    dq = node.inputs[1].inputs[0]
+    q, scale = (np.asarray(t.values, dtype=np.float64) for t in dq.inputs[:2])
+    shape = [1] * q.ndim
+    if scale.ndim:
+        shape[int(dq.attrs.get("axis", 1))] = -1
+    return q * scale.reshape(shape)
+
+
+def _reduce_axis(node: gs.Node) -> tuple[int, ...]:
+    """The axes a layer sums its input over, for the weight of `node` (output channels kept)."""
+    rank = len(node.inputs[1].shape)
+    if node.op == "Gemm":
+        return (1,) if node.attrs.get("transB", 0) else (0,)
+    return tuple(range(1, rank))
+
+
+def _set_bias(node: gs.Node, bias: np.ndarray, what: str = "corrected") -> None:
     """A new constant (the FP32 bias may be read elsewhere), shaped like the old one."""
     old = node.inputs[2] if len(node.inputs) > 2 and not node.inputs[2].is_empty() else None
     shape = old.values.shape if isinstance(old, gs.Constant) else bias.shape
     dtype = old.values.dtype if isinstance(old, gs.Constant) else np.float32
-    name = f"{old.name if old is not None else node.name + '_bias'}_corrected"
+    name = f"{old.name if old is not None else node.name + '_bias'}_{what}"
     while len(node.inputs) < 3:
         node.inputs.append(gs.Variable.empty())
     node.inputs[2] = gs.Constant(name, np.asarray(bias).reshape(shape).astype(dtype))
