@@ -164,3 +164,28 @@ def test_layer_statistics_quantize_like_the_qdq_graph(unsigned):
     insert_qdq(g, plan, {"r": 3.0})
     dequantized = models.run_ort(gs.export_onnx(g), {"x": rows[0]})[0]  # identity weights are exact in int8
     np.testing.assert_allclose(quantized_sums(rows, 3.0, unsigned)[0], dequantized.sum(axis=0), rtol=1e-5)
+
+
+def test_build_reports_its_unsigned_tensors_and_no_unsigned_turns_them_off(tmp_path):
+    import json
+
+    from click.testing import CliRunner
+
+    from trtglm.cli import main
+
+    model = tmp_path / "cnn.onnx"
+    onnx.save(models.build_cnn_classifier(), model)
+    calib = tmp_path / "calib"
+    calib.mkdir()
+    np.save(calib / "input.npy", np.random.default_rng(0).standard_normal((32, 3, 8, 8)).astype(np.float32))
+    found = {}
+    for flag in ("--unsigned", "--no-unsigned"):
+        out = tmp_path / flag
+        result = CliRunner().invoke(main, ["build", str(model), "--calib", str(calib), "--out", str(out), flag])
+        assert result.exit_code == 0, result.output
+        rep = json.loads((out / "report.json").read_text())
+        subs = [n for n in onnx.load(out / "model.int8.qdq.onnx").graph.node if n.op_type == "Sub"]
+        found[flag] = (rep["quantization"]["unsigned_activations"], len(subs))
+        assert rep["accuracy"]["outputs"]["logits"]["sim"]["cosine"] > 0.99
+    assert found["--unsigned"][0] and found["--unsigned"][1] == len(found["--unsigned"][0])
+    assert found["--no-unsigned"] == ([], 0)
