@@ -33,6 +33,7 @@ BUDGET = "0.002"
 # weights it only moves range between the per-tensor activation and the next layer's columns, and here it hurts.
 ALL = ["--bias-correction", "sequential", "--weight-rounding", "adaround"]
 TRTGLM_ROWS = {  # row -> extra `trtglm build` arguments
+    "trtglm --no-unsigned": ["--no-unsigned"],  # what the unsigned grid (on by default) buys
     "trtglm": [],
     "trtglm +equalize": ["--equalize"],
     "trtglm +bias-correction empirical": ["--bias-correction", "empirical"],
