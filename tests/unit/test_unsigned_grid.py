@@ -66,6 +66,9 @@ def test_only_non_negative_tensors_whose_readers_take_the_shift_are_unsigned():
     plan = plan_qdq(graph)
     assert plan.unsigned == ["flat", "relu", "relu6_pad"]
     assert {"clip_signed", "relu_b", "relu_c"} <= set(plan.activations) - set(plan.unsigned)
+    assert plan.signed == {"relu_b": "read by Conv 'implicit_pad', which pads implicitly (its zeros would stand "
+                                     "for x = amax/2)",
+                           "relu_c": "read by Add 'residual', which cannot take the shift in a bias"}
     assert plan_qdq(gs.import_onnx(_branchy_model()), PrecisionPolicy(unsigned=False)).unsigned == []
 
 

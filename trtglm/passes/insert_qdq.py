@@ -53,6 +53,7 @@ class QdqPlan:
     skipped: dict[str, str] = field(default_factory=dict)  # node name -> why it stays float
     residual_adds: list[str] = field(default_factory=list)  # Add nodes whose residual input is quantized
     unsigned: list[str] = field(default_factory=list)  # activations on the unsigned grid (a subset, sorted)
+    signed: dict[str, str] = field(default_factory=dict)  # non-negative activations left signed -> why
 
 
 def plan_qdq(graph: gs.Graph, policy: PrecisionPolicy = PrecisionPolicy()) -> QdqPlan:
@@ -94,7 +95,13 @@ def plan_qdq(graph: gs.Graph, policy: PrecisionPolicy = PrecisionPolicy()) -> Qd
     plan.residual_adds.sort()
     if policy.unsigned:
         tensors = graph.tensors()
-        plan.unsigned = [n for n in plan.activations if _non_negative(tensors[n]) and _shiftable(tensors[n], plan)]
+        for name in plan.activations:
+            if _non_negative(tensors[name]):
+                why = _why_not_shiftable(tensors[name], plan)
+                if why:
+                    plan.signed[name] = why
+                else:
+                    plan.unsigned.append(name)
     return plan
 
 
@@ -252,27 +259,35 @@ def _non_negative(tensor: gs.Tensor, depth: int = 16) -> bool:
     return False
 
 
-def _shiftable(tensor: gs.Variable, plan: QdqPlan) -> bool:
-    """Every node that will read the dequantized tensor can take the shift in its bias: a Conv without implicit
-    padding or a plain Gemm (alpha = beta = 1, a per-output bias), reading it as data with planned weights."""
-    readers = [n for n in tensor.outputs if n.name not in plan.skipped]
-    return bool(readers) and all(_takes_shift(n, tensor, plan) for n in readers)
+def _why_not_shiftable(tensor: gs.Variable, plan: QdqPlan) -> str | None:
+    """None when every node that will read the dequantized tensor can take the shift in its bias: a Conv without
+    implicit padding or a plain Gemm (alpha = beta = 1, a per-output bias), reading it as data with planned
+    weights; else why not, naming the first reader that cannot."""
+    for node in tensor.outputs:
+        if node.name not in plan.skipped:
+            why = _why_no_shift(node, tensor, plan)
+            if why:
+                return f"read by {node.op} '{node.name}', {why}"
+    return None
 
 
-def _takes_shift(node: gs.Node, tensor: gs.Variable, plan: QdqPlan) -> bool:
-    if len(node.inputs) < 2 or node.inputs[0] is not tensor or node.inputs[1].name not in plan.weights:
-        return False
+def _why_no_shift(node: gs.Node, tensor: gs.Variable, plan: QdqPlan) -> str | None:
+    if node.op not in ("Conv", "Gemm") or len(node.inputs) < 2 or node.inputs[0] is not tensor \
+            or node.inputs[1].name not in plan.weights:
+        return "which cannot take the shift in a bias"
     bias = node.inputs[2] if len(node.inputs) > 2 and not node.inputs[2].is_empty() else None
     if bias is not None and not isinstance(bias, gs.Constant):
-        return False
+        return "whose bias is computed"
     if node.op == "Conv":
         pads = node.attrs.get("pads", [0])
-        return node.attrs.get("auto_pad", "NOTSET") in ("NOTSET", "VALID") and not any(pads)
-    if node.op == "Gemm":
-        out = node.inputs[1].values.shape[0 if node.attrs.get("transB", 0) else 1]
-        return (not node.attrs.get("transA", 0) and float(node.attrs.get("alpha", 1.0)) == 1.0
-                and float(node.attrs.get("beta", 1.0)) == 1.0 and (bias is None or bias.values.size == out))
-    return False
+        if node.attrs.get("auto_pad", "NOTSET") not in ("NOTSET", "VALID") or any(pads):
+            return "which pads implicitly (its zeros would stand for x = amax/2)"
+        return None
+    out = node.inputs[1].values.shape[0 if node.attrs.get("transB", 0) else 1]
+    if node.attrs.get("transA", 0) or float(node.attrs.get("alpha", 1.0)) != 1.0 \
+            or float(node.attrs.get("beta", 1.0)) != 1.0 or (bias is not None and bias.values.size != out):
+        return "with transA, alpha or beta, or a broadcast bias"
+    return None
 
 
 def _weight_axis(node: gs.Node, idx: int, tensor: gs.Constant) -> int:
