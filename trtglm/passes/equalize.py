@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from trtglm.passes.match import clip_bounds, constant_value, single_consumer
+from trtglm.passes.match import clip_bounds, constant_value, pad_value, single_consumer
 
 if TYPE_CHECKING:
     from trtglm.passes import PassContext
@@ -102,11 +102,10 @@ def _pair(conv1: gs.Node, outputs: set[int]) -> tuple[gs.Node, gs.Node] | str:
 def _zero_spatial_pad(pad: gs.Node) -> bool:
     """A constant-mode Pad with value 0 that pads neither the batch nor the channel axis: it commutes with a
     per-channel scale."""
-    if pad.attrs.get("mode", "constant") != "constant" or len(pad.inputs) < 2 or len(pad.inputs) > 3:
+    if len(pad.inputs) < 2 or len(pad.inputs) > 3 or pad_value(pad) != 0.0:
         return False
     pads = constant_value(pad.inputs[1])
-    value = constant_value(pad.inputs[2]) if len(pad.inputs) > 2 and not pad.inputs[2].is_empty() else 0.0
-    if pads is None or value is None or float(np.asarray(value).reshape(-1)[0]) != 0.0:
+    if pads is None:
         return False
     pads = np.asarray(pads).reshape(-1)
     rank = pads.size // 2

@@ -35,7 +35,7 @@ import onnx_graphsurgeon as gs
 
 from trtglm.calib.methods import activation_grid
 from trtglm.config import PrecisionPolicy
-from trtglm.passes.match import clip_bounds, constant_value
+from trtglm.passes.match import clip_bounds, pad_value
 
 QUANTIZED_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 CONV_OPS = ("Conv", "ConvTranspose")
@@ -132,8 +132,7 @@ def insert_qdq(graph: gs.Graph, plan: QdqPlan, amax: dict[str, float], seven_bit
         if node.name in (biases or {}) and len(node.inputs) > 1 and _dequantized(node.inputs[1]):
             _set_bias(node, biases[node.name])
     for node, centre in shifted:
-        _set_bias(node, _bias_of(node) + np.float64(centre) * _dequantized_weight(node).sum(axis=_reduce_axis(node)),
-                  "shifted")
+        _set_bias(node, _bias_of(node) + np.float64(centre) * _dequantized_row_sums(node), "shifted")
     graph.cleanup().toposort()
     return count
 
@@ -248,9 +247,9 @@ def _non_negative(tensor: gs.Tensor, depth: int = 16) -> bool:
         return low is not None and low >= 0.0
     if node.op in SAME_SIGN_OPS:
         return _non_negative(node.inputs[0], depth - 1)
-    if node.op == "Pad":
-        value = constant_value(node.inputs[2]) if len(node.inputs) > 2 and not node.inputs[2].is_empty() else 0.0
-        return (node.attrs.get("mode", "constant") != "constant" or value is not None and np.all(value >= 0)) \
+    if node.op == "Pad":  # edge and reflect modes repeat values of the input
+        value = pad_value(node)
+        return (node.attrs.get("mode", "constant") != "constant" or value is not None and value >= 0.0) \
             and _non_negative(node.inputs[0], depth - 1)
     if node.op in ("Min", "Concat", "Mul"):  # Relu + per-channel Min from equalize; Mul of non-negatives
         return all(_non_negative(t, depth - 1) for t in node.inputs)
@@ -344,29 +343,21 @@ def _centred(graph: gs.Graph, tensor: gs.Variable, centre: np.float32, consumers
     only feeds the Pad, the Sub goes in front of the Pad (padding with -centre): the ReLU, the Sub and the
     convolution before it become one kernel in TensorRT."""
     pad = tensor.inputs[0] if tensor.inputs else None
-    padded = (pad is not None and pad.op == "Pad" and pad.attrs.get("mode", "constant") == "constant"
-              and len(pad.inputs[0].outputs) == 1 and isinstance(pad.inputs[0], gs.Variable)
-              and all(t is not pad.inputs[0] for t in graph.outputs)
-              and all(any(n is c for c in consumers) for n in tensor.outputs)
-              and all(t is not tensor for t in graph.outputs))
-    value = constant_value(pad.inputs[2]) if padded and len(pad.inputs) > 2 and not pad.inputs[2].is_empty() \
-        else np.float32(0.0)
-    if padded and value is not None and float(np.asarray(value).reshape(-1)[0]) == 0.0:
-        data = pad.inputs[0]
-        centred = gs.Variable(f"{data.name}_centred", dtype=data.dtype, shape=data.shape)
-        graph.nodes.append(gs.Node("Sub", f"{data.name}_centre", inputs=[data, _scale_const(f"{data.name}_centre",
-                                                                                          centre)],
-                                   outputs=[centred]))
-        pad.inputs[0] = centred
-        while len(pad.inputs) < 3:
-            pad.inputs.append(gs.Variable.empty())
-        pad.inputs[2] = _scale_const(f"{tensor.name}_pad_value", -centre)
-        return tensor  # now itself centred
-    centred = gs.Variable(f"{tensor.name}_centred", dtype=tensor.dtype, shape=tensor.shape)
-    graph.nodes.append(gs.Node("Sub", f"{tensor.name}_centre", inputs=[tensor, _scale_const(f"{tensor.name}_centre",
-                                                                                          centre)],
-                               outputs=[centred]))
-    return centred
+    data = pad.inputs[0] if pad is not None and pad.op == "Pad" else None
+    before_pad = (data is not None and isinstance(data, gs.Variable) and pad_value(pad) == 0.0
+                  and len(data.outputs) == 1 and all(t is not data and t is not tensor for t in graph.outputs)
+                  and all(any(n is c for c in consumers) for n in tensor.outputs))
+    source = data if before_pad else tensor
+    centred = gs.Variable(f"{source.name}_centred", dtype=source.dtype, shape=source.shape)
+    graph.nodes.append(gs.Node("Sub", f"{source.name}_centre",
+                               inputs=[source, _scale_const(f"{source.name}_centre", centre)], outputs=[centred]))
+    if not before_pad:
+        return centred
+    pad.inputs[0] = centred
+    while len(pad.inputs) < 3:
+        pad.inputs.append(gs.Variable.empty())
+    pad.inputs[2] = _scale_const(f"{tensor.name}_pad_value", -centre)
+    return tensor  # the Pad's output is now centred itself
 
 
 def _quantize_weight(graph: gs.Graph, tensor: gs.Constant, axis: int, bits: int, keep_float,
@@ -415,22 +406,15 @@ def _bias_of(node: gs.Node) -> np.ndarray:
     return np.asarray(bias.values, dtype=np.float64).reshape(-1) if bias is not None else np.float64(0.0)
 
 
-def _dequantized_weight(node: gs.Node) -> np.ndarray:
-    """The weight a quantized layer computes with: int8 values times their per-channel scales."""
+def _dequantized_row_sums(node: gs.Node) -> np.ndarray:
+    """Per output channel, the sum of the weights the quantized layer computes with (int8 values times their
+    per-channel scales, along the axis its DequantizeLinear names)."""
     dq = node.inputs[1].inputs[0]
     q, scale = (np.asarray(t.values, dtype=np.float64) for t in dq.inputs[:2])
+    axis = int(dq.attrs.get("axis", 1))
     shape = [1] * q.ndim
-    if scale.ndim:
-        shape[int(dq.attrs.get("axis", 1))] = -1
-    return q * scale.reshape(shape)
-
-
-def _reduce_axis(node: gs.Node) -> tuple[int, ...]:
-    """The axes a layer sums its input over, for the weight of `node` (output channels kept)."""
-    rank = len(node.inputs[1].shape)
-    if node.op == "Gemm":
-        return (1,) if node.attrs.get("transB", 0) else (0,)
-    return tuple(range(1, rank))
+    shape[axis] = -1
+    return (q * scale.reshape(shape)).sum(axis=tuple(i for i in range(q.ndim) if i != axis))
 
 
 def _set_bias(node: gs.Node, bias: np.ndarray, what: str = "corrected") -> None:

@@ -42,3 +42,14 @@ def clip_bounds(clip: gs.Node) -> tuple[float | None, float | None]:
         else:
             bounds.append(float(clip.attrs.get(attr, default)))
     return bounds[0], bounds[1]
+
+
+def pad_value(pad: gs.Node) -> float | None:
+    """The fill value of a constant-mode Pad (0 when not given, the axes input of opset 18 allowed); None for other
+    modes or a value computed at run time."""
+    if pad.attrs.get("mode", "constant") != "constant":
+        return None
+    if len(pad.inputs) < 3 or pad.inputs[2].is_empty():
+        return 0.0
+    value = constant_value(pad.inputs[2])
+    return None if value is None else float(np.asarray(value).reshape(-1)[0])
