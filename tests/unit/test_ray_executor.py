@@ -29,11 +29,13 @@ def local_cluster():
     ray.shutdown()
 
 
-def test_shard_groups_keep_every_batch_once_in_order():
+def test_shard_groups_deal_every_batch_once_in_order():
     groups = [[i, i + 1] for i in range(0, 20, 2)]
     shards = shard_groups(groups, 4)
-    assert len(shards) == 4 and all(shards)
-    assert [pair for shard in shards for pair in shard] == list(enumerate(groups))
+    assert len(shards) == 4 and all(shards) and [len(s) for s in shards] == [3, 3, 2, 2]
+    assert sorted(pair for shard in shards for pair in shard) == list(enumerate(groups))
+    assert all([i for i, _ in shard] == sorted(i for i, _ in shard) for shard in shards)
+    assert [i for i, _ in shards[1]] == [1, 5, 9]  # dealt round-robin: sorted data spreads over the actors
     assert len(shard_groups(groups[:2], 8)) == 2 and shard_groups([], 3) == []
 
 
