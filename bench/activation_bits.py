@@ -1,0 +1,137 @@
+"""How many activation bits an evaluation set needs: a CNN's agreement with FP32 when every Conv/Gemm input is
+rounded to a per-tensor grid of 2^b levels, for b = 8, 9, 10, with the weights left in float.
+
+    python bench/activation_bits.py [--variant lite1] [--bits 8,9,10]      # about 2 minutes
+
+Why: TensorRT's INT8 keeps activations per tensor, 8 bits. The grid here is better than TensorRT's: affine (its own
+low end per tensor, zero kept exact), its range chosen per tensor by the rounding-plus-clipping error on the
+calibration crops, every tensor on it (TensorRT's symmetric grid, or trtglm's unsigned one, uses at best as many
+levels), and the weights stay float. So its 8-bit row is about the most any post-training INT8 recipe reaches on
+this data: calibration, rounding and per-channel tricks work within it. Not a strict bound: bias correction takes
+the mean out of the rounding error, which this grid leaves in, and moves an INT8 model slightly past it. The rows
+for 9 and 10 bits say what a target above the 8-bit row asks for. The FP32 logits' margins (top-1 minus top-2) say
+why: a prediction whose margin is below the logit error flips, and random crops of photographs have many small
+margins. Results: bench/results/activation_bits.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+from cnn import SIZES, agreement, load_images, logits
+from common import REPO, session
+
+SAMPLED = 50_000  # values per tensor and batch that the range search sees
+BATCH = 16
+
+
+def conv_inputs(model: onnx.ModelProto) -> list[str]:
+    graph = gs.import_onnx(model)
+    return sorted({n.inputs[0].name for n in graph.nodes if n.op in ("Conv", "Gemm")
+                   and isinstance(n.inputs[0], gs.Variable)})
+
+
+def samples(model: onnx.ModelProto, names: list[str], x: np.ndarray) -> dict[str, np.ndarray]:
+    """A fixed random sample of each tensor's values over the calibration crops."""
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    known = {o.name for o in probe.graph.output}
+    probe.graph.output.extend(onnx.helper.make_empty_tensor_value_info(n) for n in names if n not in known)
+    sess = session(probe.SerializeToString(), False)
+    feed = sess.get_inputs()[0].name
+    rng = np.random.default_rng(0)
+    got: dict[str, list] = {n: [] for n in names}
+    for i in range(0, len(x), BATCH):
+        for name, v in zip(names, sess.run(names, {feed: x[i:i + BATCH]})):
+            flat = v.reshape(-1)
+            got[name].append(flat[rng.integers(0, flat.size, min(SAMPLED, flat.size))])
+    return {n: np.concatenate(v) for n, v in got.items()}
+
+
+def grid(v: np.ndarray, levels: int) -> tuple[float, float]:
+    """(low, step) of the affine grid with the least squared error on v, zero on the grid."""
+    lo, hi = float(v.min()), float(v.max())
+    best = (np.inf, lo, 1.0)
+    for top in np.linspace(0.3, 1.0, 36):
+        for bottom in (np.linspace(0.3, 1.0, 15) if lo < 0 else (1.0,)):
+            low, high = lo * bottom, hi * top
+            step = (high - low) / (levels - 1) or 1.0
+            if low < 0 < high:
+                low = -np.round(-low / step) * step
+            q = np.clip(np.rint((v - low) / step), 0, levels - 1) * step + low
+            err = float(np.mean((q - v) ** 2))
+            if err < best[0]:
+                best = (err, low, step)
+    return best[1], best[2]
+
+
+def fake_quantized(model: onnx.ModelProto, grids: dict[str, tuple[float, float]], levels: int) -> bytes:
+    """The model with every Conv/Gemm input rounded to its grid (float ops: any number of levels)."""
+    graph = gs.import_onnx(model)
+    tensors = graph.tensors()
+    for name, (low, step) in sorted(grids.items()):
+        x = tensors[name]
+        readers = [n for n in x.outputs if n.op in ("Conv", "Gemm") and n.inputs[0] is x]
+        c = {k: gs.Constant(f"{name}_{k}", np.asarray(v, np.float32)) for k, v in
+             (("low", low), ("step", step), ("zero", 0.0), ("top", levels - 1.0))}
+        a, b, r, k, m, y = (gs.Variable(f"{name}_fq{i}", dtype=np.float32) for i in range(6))
+        graph.nodes += [gs.Node("Sub", inputs=[x, c["low"]], outputs=[a]),
+                        gs.Node("Div", inputs=[a, c["step"]], outputs=[b]), gs.Node("Round", inputs=[b], outputs=[r]),
+                        gs.Node("Clip", inputs=[r, c["zero"], c["top"]], outputs=[k]),
+                        gs.Node("Mul", inputs=[k, c["step"]], outputs=[m]),
+                        gs.Node("Add", inputs=[m, c["low"]], outputs=[y])]
+        for node in readers:
+            node.inputs[0] = y
+    graph.cleanup().toposort()
+    return gs.export_onnx(graph).SerializeToString()
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--variant", choices=sorted(SIZES), default="lite1")
+    parser.add_argument("--data", type=Path, default=REPO / "calibration" / "efficientnet")
+    parser.add_argument("--bits", default="8,9,10")
+    parser.add_argument("--calib-samples", type=int, default=64)
+    args = parser.parse_args(argv)
+    size = SIZES[args.variant]
+    path = args.data / f"efficientnet-{args.variant}.onnx"
+    if not path.exists():
+        sys.exit(f"{path} missing: python examples/efficientnet/export.py --variant {args.variant} --out {args.data}")
+    model = onnx.load(str(path))
+    calib = load_images(args.data / f"calib-{size}")[:args.calib_samples]
+    evaluation = load_images(args.data / f"eval-{size}")
+    ref = logits(str(path), evaluation, optimized=False)
+    top2 = np.sort(ref, axis=1)[:, -2:]
+    margin = top2[:, 1] - top2[:, 0]
+    names = conv_inputs(model)
+    values = samples(model, names, calib)
+    print(f"EfficientNet-{args.variant}: {len(names)} Conv/Gemm inputs, ranges from {len(calib)} calibration crops, "
+          f"{len(evaluation)} evaluation crops")
+    print(f"FP32 top-1 margin (logits): median {np.median(margin):.3f}; "
+          + ", ".join(f"{100 * np.mean(margin < t):.1f}% below {t}" for t in (0.02, 0.05, 0.1)))
+    rows = []
+    print(f"{'activation grid':28} {'top-1 agreement':>16} {'top-5':>7} {'cosine':>9}")
+    for bits in (int(b) for b in args.bits.split(",")):
+        levels = 2 ** bits
+        grids = {n: grid(values[n], levels) for n in names}
+        got = agreement(ref, logits(fake_quantized(model, grids, levels), evaluation, optimized=False))
+        rows.append({"bits": bits, **got})
+        print(f"{f'{bits} bits per tensor, affine':28} {100 * got['top1']:15.1f}% {100 * got['top5']:6.1f}% "
+              f"{got['cosine']:9.5f}")
+    out = REPO / "bench" / "results" / "activation_bits.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"variant": args.variant, "eval": len(evaluation), "calib": len(calib),
+                               "margin_quantiles": {str(q): float(np.quantile(margin, q)) for q in (0.02, 0.05, 0.1, 0.5)},
+                               "rows": rows}, indent=2) + "\n")
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
