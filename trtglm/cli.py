@@ -109,6 +109,9 @@ def main(ctx: click.Context, debug: bool):
 @click.option("--ray-address", help="--executor ray: the cluster to join (default: start a local one).")
 @click.option("--workers", default=2, show_default=True, help="--executor ray: calibration actors.")
 @click.option("--equalize", is_flag=True, help="Cross-layer equalization of Conv -> ReLU/ReLU6 -> Conv weight ranges.")
+@click.option("--explicit-pads", is_flag=True,
+              help="Convs that pad implicitly (PyTorch's 3x3) and read a ReLU output get an explicit Pad, so that "
+                   "the ReLU output takes the unsigned grid (a Pad TensorRT cannot fuse).")
 @click.option("--weight-rounding", default="nearest", show_default=True, type=click.Choice(["nearest", "adaround"]),
               help="adaround: learned up/down rounding per weight, minimizing each layer's output error on the "
                    "calibration data.")
@@ -125,7 +128,7 @@ def main(ctx: click.Context, debug: bool):
 @click.pass_context
 def build(ctx, model, int8, weight_only, block_size, asymmetric, backend, kv_cache, fp16, attention, tokenizer, max_seq, calib, calib_script, calib_cache, calib_method, percentile, preprocess, eval_,
           exclude, int8_attention, unsigned, smoothquant, accuracy_budget, quant_config, target, check_tol, batch_size, max_calib_samples, out, out_onnx,
-          executor, ray_address, workers, equalize, weight_rounding, bias_correction, plugin_ops, shapes, batch_profile, opt_level, workspace, timing_cache, plugins, implicit_cache):
+          executor, ray_address, workers, equalize, explicit_pads, weight_rounding, bias_correction, plugin_ops, shapes, batch_profile, opt_level, workspace, timing_cache, plugins, implicit_cache):
     """Fuse, calibrate and quantize MODEL; verify INT8 against FP32 on ONNX Runtime."""
     from trtglm import pipeline
     from trtglm.config import BuildConfig
@@ -146,7 +149,8 @@ def build(ctx, model, int8, weight_only, block_size, asymmetric, backend, kv_cac
                           target=target, check_tol=check_tol, batch_size=batch_size,
                           max_calib_samples=max_calib_samples, profiles=profiles, batch_profile=batch,
                           engine=engine, plugin_ops=plugin_ops, executor=executor, ray_address=ray_address,
-                          workers=workers, equalize=equalize, weight_rounding=weight_rounding,
+                          workers=workers, equalize=equalize, explicit_pads=explicit_pads,
+                          weight_rounding=weight_rounding,
                           bias_correction=bias_correction)
         pipeline.build(cfg)
 

@@ -90,6 +90,7 @@ class BuildConfig:
     ray_address: str | None = None  # --executor ray: an existing cluster; None: a local one of `workers` CPUs
     workers: int = 2  # --executor ray: calibration actors (one ONNX Runtime thread each)
     equalize: bool = False  # cross-layer equalization of Conv -> ReLU -> Conv pairs (after BatchNorm folding)
+    explicit_pads: bool = False  # a Conv's implicit padding as a Pad, so that its ReLU input takes the unsigned grid
     weight_rounding: str = "nearest"  # nearest | adaround: learned up/down rounding on the layer's input statistics
     bias_correction: str = "none"  # none | empirical | sequential (calibration data) | analytic (BatchNorm statistics)
     plugin_ops: bool = False  # also write the model with trtglm's plugin ops (TensorRT only), checked via its fallback

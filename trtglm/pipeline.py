@@ -33,6 +33,7 @@ from trtglm.passes import DEFAULT_PIPELINE, PassContext, fusion_summary, run_pas
 from trtglm.passes.insert_qdq import QUANTIZED_OPS, QdqPlan, insert_qdq, plan_qdq
 from trtglm.passes.convert_fp16 import convert_fp16
 from trtglm.passes.equalize import equalize
+from trtglm.passes.explicit_pads import explicit_pads
 from trtglm.passes.kv_cache import cache_pairs, quantize_kv_cache
 from trtglm.passes.normals import input_means
 from trtglm.passes.plugin_ops import DOMAIN as PLUGIN_DOMAIN
@@ -120,7 +121,8 @@ def build(cfg: BuildConfig, console=None) -> dict:
         with timer.stage("passes"):
             graph = gs.import_onnx(original)
             ctx = PassContext(opset=_opset(original), attention=cfg.attention)
-            pass_counts = run_passes(graph, DEFAULT_PIPELINE + ((equalize,) if cfg.equalize else ()), ctx)
+            pass_counts = run_passes(graph, DEFAULT_PIPELINE + ((equalize,) if cfg.equalize else ())
+                                     + ((explicit_pads,) if cfg.explicit_pads and cfg.unsigned and cfg.static_int8 else ()), ctx)
             fusions = fusion_summary(graph, pass_counts, ctx)
             fp32 = _export(graph, original)
             pinned = _quant_config(cfg, graph)

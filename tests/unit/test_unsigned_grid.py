@@ -13,6 +13,8 @@ from trtglm.calib.layer_inputs import quantized_sums
 from trtglm.calib.methods import activation_grid, amax_from_stats
 from trtglm.calib.stats import TensorStats
 from trtglm.config import PrecisionPolicy
+from trtglm.passes import PassContext
+from trtglm.passes.explicit_pads import explicit_pads
 from trtglm.passes.insert_qdq import insert_qdq, plan_qdq
 
 C = 4
@@ -169,26 +171,106 @@ def test_layer_statistics_quantize_like_the_qdq_graph(unsigned):
     np.testing.assert_allclose(quantized_sums(rows, 3.0, unsigned)[0], dequantized.sum(axis=0), rtol=1e-5)
 
 
-def test_build_reports_its_unsigned_tensors_and_no_unsigned_turns_them_off(tmp_path):
+def _build_cnn(tmp_path, *flags):
+    """`trtglm build` of the bundled CNN with `flags`: (what it printed, its report.json, its Q/DQ model)."""
     import json
 
     from click.testing import CliRunner
 
     from trtglm.cli import main
 
-    model = tmp_path / "cnn.onnx"
-    onnx.save(models.build_cnn_classifier(), model)
-    calib = tmp_path / "calib"
-    calib.mkdir()
-    np.save(calib / "input.npy", np.random.default_rng(0).standard_normal((32, 3, 8, 8)).astype(np.float32))
+    model, calib = tmp_path / "cnn.onnx", tmp_path / "calib"
+    if not model.exists():
+        onnx.save(models.build_cnn_classifier(), model)
+        calib.mkdir()
+        np.save(calib / "input.npy", np.random.default_rng(0).standard_normal((32, 3, 8, 8)).astype(np.float32))
+    out = tmp_path / ("out" + "".join(flags))
+    result = CliRunner().invoke(main, ["build", str(model), "--calib", str(calib), "--out", str(out), *flags])
+    assert result.exit_code == 0, result.output
+    rep = json.loads((out / "report.json").read_text())
+    assert rep["accuracy"]["outputs"]["logits"]["sim"]["cosine"] > 0.99
+    return result.output, rep, onnx.load(out / "model.int8.qdq.onnx")
+
+
+def test_build_reports_its_unsigned_tensors_and_no_unsigned_turns_them_off(tmp_path):
     found = {}
     for flag in ("--unsigned", "--no-unsigned"):
-        out = tmp_path / flag
-        result = CliRunner().invoke(main, ["build", str(model), "--calib", str(calib), "--out", str(out), flag])
-        assert result.exit_code == 0, result.output
-        rep = json.loads((out / "report.json").read_text())
-        subs = [n for n in onnx.load(out / "model.int8.qdq.onnx").graph.node if n.op_type == "Sub"]
+        _, rep, qdq = _build_cnn(tmp_path, flag)
+        subs = [n for n in qdq.graph.node if n.op_type == "Sub"]
         found[flag] = (rep["quantization"]["unsigned_activations"], len(subs))
-        assert rep["accuracy"]["outputs"]["logits"]["sim"]["cosine"] > 0.99
     assert found["--unsigned"][0] and found["--unsigned"][1] == len(found["--unsigned"][0])
     assert found["--no-unsigned"] == ([], 0)
+
+
+def _explicit(model):
+    graph = gs.import_onnx(model)
+    ctx = PassContext(opset=17)
+    count = explicit_pads(graph, ctx)
+    return gs.export_onnx(graph), count, ctx.log
+
+
+def test_explicit_pads_keep_the_function_and_bring_a_padded_relu_onto_the_unsigned_grid():
+    model = _branchy_model()
+    rewritten, count, log = _explicit(model)
+    assert count == 1  # 'implicit_pad'; relu_c is read by the residual Add as well, x is signed
+    feeds = {"x": np.random.default_rng(4).standard_normal((2, 3, 6, 6)).astype(np.float32)}
+    for want, got in zip(models.run_ort(model, feeds), models.run_ort(rewritten, feeds)):
+        np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+    graph = gs.import_onnx(rewritten)
+    conv = next(n for n in graph.nodes if n.name == "implicit_pad")
+    assert not any(conv.attrs["pads"]) and conv.inputs[0].inputs[0].op == "Pad"
+    plan = plan_qdq(graph)
+    assert conv.inputs[0].name in plan.unsigned and "relu_b" not in plan.signed
+    assert set(plan.signed) == {"relu_c"}
+
+
+def test_a_conv_keeps_implicit_padding_when_its_input_is_signed_or_read_otherwise():
+    model = _branchy_model()
+    graph = gs.import_onnx(model)
+    for node in graph.nodes:
+        if node.name == "also_added":  # relu_c: read by a padded Conv and by the residual Add
+            node.attrs["pads"] = [1, 1, 1, 1]
+            node.inputs[1].values = np.tile(node.inputs[1].values, (1, 1, 3, 3)) / 9
+        if node.name == "signed":  # a Clip at -1
+            node.attrs["pads"] = [1, 1, 1, 1]
+            node.inputs[1].values = np.tile(node.inputs[1].values, (1, 1, 3, 3)) / 9
+    _, count, log = _explicit(gs.export_onnx(graph))
+    assert count == 1
+    assert "explicit_pads: 'relu_c' keeps implicit padding: also read by Add 'residual', which could not take the " \
+           "unsigned grid's shift" in log
+    assert "explicit_pads: 'clip_signed' keeps implicit padding: not non-negative by construction" in log
+
+
+def test_int8_conv_behind_an_explicit_pad_pads_exactly():
+    """The rewritten layer's INT8 output is W_q * pad(Q(x), 0) + b: the Pad fills with -c on the centred grid."""
+    model, _, _ = _explicit(_branchy_model())
+    feeds = {"x": np.random.default_rng(5).standard_normal((2, 3, 6, 6)).astype(np.float32) * 2}
+    q = _quantized(model, {"relu_b_padded": 4.5})
+    probe = onnx.ModelProto()
+    probe.CopyFrom(q)
+    probe.graph.output.extend([helper.make_tensor_value_info("relu_b", TensorProto.FLOAT, None)])
+    outputs = [o.name for o in probe.graph.output]
+    values = dict(zip(outputs, models.run_ort(probe, feeds)))
+    graph = gs.import_onnx(q)
+    conv = next(n for n in graph.nodes if n.name == "implicit_pad")
+    dq = conv.inputs[1].inputs[0]
+    w = dq.inputs[0].values.astype(np.float64) * dq.inputs[1].values.reshape(-1, 1, 1, 1)
+    scale, centre = activation_grid(4.5, unsigned=True)
+    xq = centre + scale * np.clip(np.rint((values["relu_b"] - centre) / scale), -127, 127)
+    padded = np.pad(xq, ((0, 0), (0, 0), (1, 1), (1, 1)))
+    want = sum(np.einsum("oc,nchw->nohw", w[:, :, i, j], padded[:, :, i:i + 6, j:j + 6]) for i in range(3)
+               for j in range(3))
+    bias = next(t for t in model.graph.initializer if t.name == "b_implicit_pad")
+    want += onnx.numpy_helper.to_array(bias)[None, :, None, None]
+    np.testing.assert_allclose(values["implicit_pad"], want, rtol=1e-5, atol=1e-5)
+    pad = next(n for n in graph.nodes if n.op == "Pad" and n.outputs[0].name == "relu_b_padded")
+    assert float(pad.inputs[2].values) == -centre and pad.inputs[0].inputs[0].op == "Sub"
+
+
+def test_build_explicit_pads_flag(tmp_path):
+    unsigned = {}
+    for flags in ((), ("--explicit-pads",)):
+        output, rep, _ = _build_cnn(tmp_path, *flags)
+        assert ("explicit_pads 1" in output) == bool(flags)
+        unsigned[flags] = rep["quantization"]["unsigned_activations"]
+    assert len(unsigned[("--explicit-pads",)]) == len(unsigned[()]) + 1

@@ -17,7 +17,8 @@ layers around them by fixed patterns. Placement decides which kernels it can pic
   the dequantized weights so that the INT8 layer equals W_q (x_q) + b exactly. The Sub goes in front of a zero
   Pad (which then pads with -c), so that it is a pointwise op right after the producing convolution's ReLU, which
   TensorRT fuses into that kernel's epilogue (its documented pointwise fusion; not measured here). Consumers with
-  implicit zero padding (a Conv `pads` attribute) would pad x - c with 0, so their inputs stay signed;
+  implicit zero padding (a Conv `pads` attribute) would pad x - c with 0, so their inputs stay signed, unless
+  passes/explicit_pads.py (`--explicit-pads`) has turned that padding into a Pad;
 - tensors that are not numerically activations stay float: integer and shape tensors, tensors computed only
   from integer inputs (a mask cast to float), and additive attention masks feeding a Softmax.
 
@@ -35,7 +36,7 @@ import onnx_graphsurgeon as gs
 
 from trtglm.calib.methods import activation_grid
 from trtglm.config import PrecisionPolicy
-from trtglm.passes.match import clip_bounds, pad_value
+from trtglm.passes.match import non_negative, pad_value
 
 QUANTIZED_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 CONV_OPS = ("Conv", "ConvTranspose")
@@ -96,7 +97,7 @@ def plan_qdq(graph: gs.Graph, policy: PrecisionPolicy = PrecisionPolicy()) -> Qd
     if policy.unsigned:
         tensors = graph.tensors()
         for name in plan.activations:
-            if _non_negative(tensors[name]):
+            if non_negative(tensors[name]):
                 why = _why_not_shiftable(tensors[name], plan)
                 if why:
                     plan.signed[name] = why
@@ -226,36 +227,6 @@ def _residual_input(add: gs.Node, float_acts: set[str], order: dict[int, int]) -
         return None
     fused = max(fusable, key=lambda t: order[id(t.inputs[0])])
     return inputs[1] if inputs[0] is fused else inputs[0]
-
-
-NON_NEGATIVE_OPS = ("Relu", "Sigmoid", "Softmax")
-SAME_SIGN_OPS = ("MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool", "Reshape", "Flatten", "Transpose",
-                 "Identity", "Squeeze", "Unsqueeze")  # >= 0 wherever their data input is
-
-
-def _non_negative(tensor: gs.Tensor, depth: int = 16) -> bool:
-    """Whether every value of the tensor is >= 0 for any model input, from the ops that produce it."""
-    if isinstance(tensor, gs.Constant):
-        return tensor.values.size > 0 and bool(np.all(np.asarray(tensor.values) >= 0))
-    if depth == 0 or not tensor.inputs:
-        return False
-    node = tensor.inputs[0]
-    if node.op in NON_NEGATIVE_OPS:
-        return True
-    if node.op == "Clip":
-        low = clip_bounds(node)[0]
-        return low is not None and low >= 0.0
-    if node.op in SAME_SIGN_OPS:
-        return _non_negative(node.inputs[0], depth - 1)
-    if node.op == "Pad":  # edge and reflect modes repeat values of the input
-        value = pad_value(node)
-        return (node.attrs.get("mode", "constant") != "constant" or value is not None and value >= 0.0) \
-            and _non_negative(node.inputs[0], depth - 1)
-    if node.op in ("Min", "Concat", "Mul"):  # Relu + per-channel Min from equalize; Mul of non-negatives
-        return all(_non_negative(t, depth - 1) for t in node.inputs)
-    if node.op == "Max":
-        return any(_non_negative(t, depth - 1) for t in node.inputs)
-    return False
 
 
 def _why_not_shiftable(tensor: gs.Variable, plan: QdqPlan) -> str | None:

@@ -1,5 +1,6 @@
-"""Small graph-matching helpers shared by the fusion passes (a tensor's producer, its single consumer, its
-constant value). A pattern may only swallow a tensor that nothing else reads and that is no graph output."""
+"""Small graph-matching helpers shared by the passes (a tensor's producer, its single consumer, its constant value,
+whether it is non-negative by construction). A pattern may only swallow a tensor that nothing else reads and that
+is no graph output."""
 
 from __future__ import annotations
 
@@ -53,3 +54,33 @@ def pad_value(pad: gs.Node) -> float | None:
         return 0.0
     value = constant_value(pad.inputs[2])
     return None if value is None else float(np.asarray(value).reshape(-1)[0])
+
+
+NON_NEGATIVE_OPS = ("Relu", "Sigmoid", "Softmax")
+SAME_SIGN_OPS = ("MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool", "Reshape", "Flatten", "Transpose",
+                 "Identity", "Squeeze", "Unsqueeze")  # >= 0 wherever their data input is
+
+
+def non_negative(tensor: gs.Tensor, depth: int = 16) -> bool:
+    """Whether every value of the tensor is >= 0 for any model input, from the ops that produce it."""
+    if isinstance(tensor, gs.Constant):
+        return tensor.values.size > 0 and bool(np.all(np.asarray(tensor.values) >= 0))
+    if depth == 0 or not tensor.inputs:
+        return False
+    node = tensor.inputs[0]
+    if node.op in NON_NEGATIVE_OPS:
+        return True
+    if node.op == "Clip":
+        low = clip_bounds(node)[0]
+        return low is not None and low >= 0.0
+    if node.op in SAME_SIGN_OPS:
+        return non_negative(node.inputs[0], depth - 1)
+    if node.op == "Pad":  # edge and reflect modes repeat values of the input
+        value = pad_value(node)
+        return (node.attrs.get("mode", "constant") != "constant" or value is not None and value >= 0.0) \
+            and non_negative(node.inputs[0], depth - 1)
+    if node.op in ("Min", "Concat", "Mul"):  # Relu + per-channel Min from equalize; Mul of non-negatives
+        return all(non_negative(t, depth - 1) for t in node.inputs)
+    if node.op == "Max":
+        return any(non_negative(t, depth - 1) for t in node.inputs)
+    return False
