@@ -1,6 +1,6 @@
 """Calibration throughput, local and on Ray with 1 and 2 workers, and the size of what travels to the driver.
 
-    python bench/scaleout.py [--samples 256]      # needs calibration/minilm (examples/minilm/export.py) and Ray
+    python bench/scaleout.py [--samples 512]      # needs calibration/minilm (examples/minilm/export.py) and Ray
 
 Calibrates the FP32 MiniLM (all-MiniLM-L6-v2, the activations trtglm's Q/DQ plan observes, with row samples for
 the searches) on the same samples in one run: in this process with one ONNX Runtime thread and with all threads,
@@ -45,7 +45,7 @@ BATCH = 16
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--samples", type=int, default=256)
+    p.add_argument("--samples", type=int, default=512)
     p.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "scaleout.json")
     args = p.parse_args()
     if not (MINILM / "minilm.onnx").is_file():
