@@ -2,6 +2,7 @@
 rounded to a per-tensor grid of 2^b levels, for b = 8, 9, 10, with the weights left in float.
 
     python bench/activation_bits.py [--variant lite1] [--bits 8,9,10]      # about 2 minutes
+    python bench/activation_bits.py --model cnn.onnx --calib calib/ --eval eval/   # any single-input classifier
 
 Why: TensorRT's INT8 keeps activations per tensor, 8 bits. The grid here is better than TensorRT's: affine (its own
 low end per tensor, zero kept exact), its range chosen per tensor by the rounding-plus-clipping error on the
@@ -92,26 +93,37 @@ def fake_quantized(model: onnx.ModelProto, grids: dict[str, tuple[float, float]]
     return gs.export_onnx(graph).SerializeToString()
 
 
+def load(folder: Path) -> np.ndarray:
+    """A data folder as the model reads it: bench/cnn.py's preprocessed .png crops, or one .npy array (N, ...)."""
+    arrays = sorted(p for p in folder.glob("*.npy") if p.name != "labels.npy")
+    return np.load(arrays[0]).astype(np.float32) if arrays else load_images(folder)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--variant", choices=sorted(SIZES), default="lite1")
     parser.add_argument("--data", type=Path, default=REPO / "calibration" / "efficientnet")
+    parser.add_argument("--model", type=Path, help="any single-input classifier ONNX (default: EfficientNet --variant)")
+    parser.add_argument("--calib", type=Path, help="with --model: .npy (N, ...) or .png crops")
+    parser.add_argument("--eval", type=Path, help="with --model: the same, held out")
     parser.add_argument("--bits", default="8,9,10")
     parser.add_argument("--calib-samples", type=int, default=64)
     args = parser.parse_args(argv)
     size = SIZES[args.variant]
-    path = args.data / f"efficientnet-{args.variant}.onnx"
+    path = args.model or args.data / f"efficientnet-{args.variant}.onnx"
     if not path.exists():
         sys.exit(f"{path} missing: python examples/efficientnet/export.py --variant {args.variant} --out {args.data}")
+    if args.model and not (args.calib and args.eval):
+        sys.exit("--model needs --calib and --eval")
     model = onnx.load(str(path))
-    calib = load_images(args.data / f"calib-{size}")[:args.calib_samples]
-    evaluation = load_images(args.data / f"eval-{size}")
+    calib = load(args.calib or args.data / f"calib-{size}")[:args.calib_samples]
+    evaluation = load(args.eval or args.data / f"eval-{size}")
     ref = logits(str(path), evaluation, optimized=False)
     top2 = np.sort(ref, axis=1)[:, -2:]
     margin = top2[:, 1] - top2[:, 0]
     names = conv_inputs(model)
     values = samples(model, names, calib)
-    print(f"EfficientNet-{args.variant}: {len(names)} Conv/Gemm inputs, ranges from {len(calib)} calibration crops, "
+    print(f"{path.name}: {len(names)} Conv/Gemm inputs, ranges from {len(calib)} calibration crops, "
           f"{len(evaluation)} evaluation crops")
     print(f"FP32 top-1 margin (logits): median {np.median(margin):.3f}; "
           + ", ".join(f"{100 * np.mean(margin < t):.1f}% below {t}" for t in (0.02, 0.05, 0.1)))
@@ -126,7 +138,7 @@ def main(argv=None) -> int:
               f"{got['cosine']:9.5f}")
     out = REPO / "bench" / "results" / "activation_bits.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"variant": args.variant, "eval": len(evaluation), "calib": len(calib),
+    out.write_text(json.dumps({"model": str(path), "eval": len(evaluation), "calib": len(calib),
                                "margin_quantiles": {str(q): float(np.quantile(margin, q)) for q in (0.02, 0.05, 0.1, 0.5)},
                                "rows": rows}, indent=2) + "\n")
     print(f"wrote {out}")
