@@ -127,6 +127,9 @@ def build(cfg: BuildConfig, console=None) -> dict:
             fp32 = _export(graph, original)
             pinned = _quant_config(cfg, graph)
             policy = replace(cfg.policy, keep_float=pinned.keep_float)
+            if cfg.unsigned and cfg.fp16_on_cpu:
+                ctx.log.append("unsigned grid off: --fp16 --target ort-cpu (ONNX Runtime's FP16 convolutions "
+                               "accumulate in FP16, where the grid's shifted biases cancel)")
             plan = plan_qdq(graph, policy)
         con.print(f"[bold]fused[/] {_fmt_counts(fusions)}")
         unmatched = sum(node.op == "Softmax" for node in graph.nodes)

@@ -274,3 +274,13 @@ def test_build_explicit_pads_flag(tmp_path):
         assert ("explicit_pads 1" in output) == bool(flags)
         unsigned[flags] = rep["quantization"]["unsigned_activations"]
     assert len(unsigned[("--explicit-pads",)]) == len(unsigned[()]) + 1
+
+
+def test_unsigned_grid_stays_off_for_fp16_on_onnx_runtime_cpu(tmp_path):
+    """ONNX Runtime's FP16 convolutions accumulate in FP16, where a shifted bias cancels against its centred input."""
+    _, rep, qdq = _build_cnn(tmp_path, "--fp16", "--target", "ort-cpu")
+    assert rep["quantization"]["unsigned_activations"] == []
+    assert not [n for n in qdq.graph.node if n.op_type == "Sub"]
+    assert any("unsigned grid off: --fp16 --target ort-cpu" in line for line in rep["pass_log"])
+    _, rep, _ = _build_cnn(tmp_path, "--fp16")  # TensorRT's INT8 layers accumulate in int32: the grid stays on
+    assert rep["quantization"]["unsigned_activations"]
