@@ -121,8 +121,9 @@ def build(cfg: BuildConfig, console=None) -> dict:
         with timer.stage("passes"):
             graph = gs.import_onnx(original)
             ctx = PassContext(opset=_opset(original), attention=cfg.attention)
+            pads = cfg.explicit_pads and cfg.policy.unsigned and cfg.static_int8  # only the unsigned grid needs them
             pass_counts = run_passes(graph, DEFAULT_PIPELINE + ((equalize,) if cfg.equalize else ())
-                                     + ((explicit_pads,) if cfg.explicit_pads and cfg.unsigned and cfg.static_int8 else ()), ctx)
+                                     + ((explicit_pads,) if pads else ()), ctx)
             fusions = fusion_summary(graph, pass_counts, ctx)
             fp32 = _export(graph, original)
             pinned = _quant_config(cfg, graph)

@@ -5,21 +5,18 @@ per worker. Ray's ActorPool hands the shards to Ray actors (one CPU each, or a G
 calibration data itself (the directory must be readable where the actors run: a shared file system, or one
 machine), holds one ONNX Runtime session of the model, and returns the partial statistics of its shard
 (TensorStats and RowSamples, pickled: a few MB whatever the shard's size). The driver merges the partials.
+Histogram merging is exact (power-of-two ranges, integer counts) and row samples are bottom-k by a hash of (batch,
+row), so the result does not depend on which actor ran which shard or in what order shards finish. An actor whose
+process dies is restarted by Ray and the shard it held runs again (max_restarts and max_task_retries -1); shards
+are numbered, so a shard that still reached the driver twice is merged once.
 
 Why Ray core actors and not a Ray Dataset's `map_batches` (what this module used first): the shards are a handful
 of descriptors, so Ray Data's streaming executor adds nothing but its own work, a scheduling loop in the driver and
 its stats and autoscaling actors, which on a 2-core machine takes the CPU the actors need. Measured with
 bench/scaleout.py (MiniLM, 512 samples): 2 actors calibrated 1.64-1.73x as fast as 1 through map_batches, 1.8-1.9x
-as plain actors; two bare processes reach 1.86-1.95x. Histogram merging is exact
-(power-of-two ranges, integer counts) and row samples are bottom-k by a hash of (batch, row), so the result does
-not depend on which actor ran which shard or in what order shards finish; a shard that Ray retries after a worker
-died is merged once (by shard id).
+as plain actors; two bare processes reach 1.86-1.95x.
 
 Ray is optional (`pip install 'trtglm[ray]'`) and imported only here.
-
-Faults: the actors are restarted by Ray when their process dies, and the shard they held is run again on the new
-process (max_restarts and max_task_retries -1); shards are numbered, so a shard that still reached the driver twice
-is merged once.
 """
 
 from __future__ import annotations

@@ -8,9 +8,10 @@ layers where EfficientNet-Lite's TensorFlow-style graph (an explicit Pad in fron
 
 This pass rewrites Conv(x, pads=P) into Conv(Pad(x, P, 0), pads=0) when x is non-negative by construction and
 every node that reads x is a Conv with a constant weight and bias and the same padding P (then one Pad feeds them
-all, and x has no other reader that would need its own Q/DQ): the FP32 function is unchanged, bit for bit. insert_qdq then sees a zero Pad of a non-negative tensor read by a
-Conv without implicit padding: it puts x on the unsigned grid, moves the centring Sub in front of the Pad and makes
-the Pad fill with -c, so the padding stays exact.
+all, and x has no other reader that would need its own Q/DQ): the FP32 function is unchanged, bit for bit.
+insert_qdq then sees a zero Pad of a non-negative tensor read by a Conv without implicit padding: it puts x on the
+unsigned grid, moves the centring Sub in front of the Pad and makes the Pad fill with -c, so the padding stays
+exact.
 
 The cost: TensorRT fuses a zero Pad into the convolution that follows, but not one that fills with -c; that is a
 pass over the tensor (in INT8 if TensorRT moves the Pad behind the QuantizeLinear) that the implicit padding did
@@ -50,7 +51,8 @@ def explicit_pads(graph: gs.Graph, ctx: PassContext) -> int:
             conv.inputs[0] = padded
             conv.attrs["pads"] = [0] * len(conv.attrs["pads"])
             count += 1
-    graph.cleanup().toposort()
+    if count:
+        graph.cleanup().toposort()
     return count
 
 
