@@ -88,6 +88,22 @@ def test_residual_add_input_is_quantized(activation):
     assert sources == ["conv", "qdq"]
 
 
+def test_residual_stays_float_when_the_conv_it_would_fuse_into_is_kept_float():
+    """TensorRT fuses the residual into the INT8 Conv that feeds the Add; with that Conv kept in float (accuracy
+    budget) the residual's Q/DQ would buy nothing and only add rounding error."""
+    graph = gs.import_onnx(models.build_residual_block())
+    run_passes(graph, DEFAULT_PIPELINE, PassContext())
+    add = next(n for n in graph.nodes if n.op == "Add")
+    fused = next(t.inputs[0] for t in add.inputs if t.inputs and t.inputs[0].op == "Conv")
+    first = next(n for n in graph.nodes if n.op == "Conv" and n is not fused)
+    assert plan_qdq(graph).residual_adds == [add.name]
+    plan = plan_qdq(graph, PrecisionPolicy(keep_float=frozenset({fused.name})))
+    assert plan.residual_adds == [] and fused.name in plan.skipped
+    assert plan.activations == [first.inputs[0].name]  # the block input, for the first Conv only
+    plan = plan_qdq(graph, PrecisionPolicy(keep_float=frozenset({first.name})))
+    assert plan.residual_adds == [add.name]
+
+
 def test_one_qdq_pair_per_tensor_shared_by_consumers():
     graph, _, _ = _quantize(models.build_residual_block())
     quantized = [n.inputs[0].name for n in graph.nodes if n.op == "QuantizeLinear"]

@@ -8,7 +8,8 @@ layers around them by fixed patterns. Placement decides which kernels it can pic
 - nothing sits between a Conv and its activation: Q/DQ go on *consumer inputs*, never on a Conv's output,
   so Conv+bias+Relu/Clip stays one fused kernel;
 - in a skip connection Add(Conv(x), y) the residual input y is quantized, so TensorRT fuses the Add into the
-  Conv as an INT8 residual (a Conv with an unquantized output feeding the Add is the one it fuses);
+  Conv as an INT8 residual (a Conv with an unquantized output feeding the Add is the one it fuses); only while
+  that Conv runs INT8: next to a Conv kept in float, y's Q/DQ would buy no fusion and only add rounding error;
 - graph outputs are never quantized, and one Q/DQ pair per tensor is shared by all of its consumers;
 - a tensor that is non-negative by construction (ReLU, Clip at 0, ReLU6, and pooling/padding/reshaping of those)
   and read only by Conv/Gemm layers goes on the *unsigned grid*: TensorRT's INT8 is symmetric, so a ReLU output
@@ -77,7 +78,8 @@ def plan_qdq(graph: gs.Graph, policy: PrecisionPolicy = PrecisionPolicy()) -> Qd
             continue
         if node.op == "Add":
             residual = _residual_input(node, float_acts, order)
-            if residual is not None:
+            fused = _fused_conv(node, residual)
+            if residual is not None and fused is not None and fused.name not in plan.skipped:
                 activations.add(residual.name)
                 plan.residual_adds.append(node.name)
             continue
@@ -227,6 +229,12 @@ def _residual_input(add: gs.Node, float_acts: set[str], order: dict[int, int]) -
         return None
     fused = max(fusable, key=lambda t: order[id(t.inputs[0])])
     return inputs[1] if inputs[0] is fused else inputs[0]
+
+
+def _fused_conv(add: gs.Node, residual: gs.Variable | None) -> gs.Node | None:
+    """The Conv that TensorRT fuses `add` into: the producer of its input that is not the residual."""
+    other = next((t for t in add.inputs if t is not residual), None)
+    return other.inputs[0] if residual is not None and other is not None and other.inputs else None
 
 
 def _why_not_shiftable(tensor: gs.Variable, plan: QdqPlan) -> str | None:
