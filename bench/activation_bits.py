@@ -3,6 +3,7 @@ rounded to a per-tensor grid of 2^b levels, for b = 8, 9, 10, with the weights l
 
     python bench/activation_bits.py [--variant lite1] [--bits 8,9,10]      # about 2 minutes
     python bench/activation_bits.py --model cnn.onnx --calib calib/ --eval eval/   # any single-input classifier
+    python bench/activation_bits.py --bits 8 --by-reader      # which inputs the 8-bit error comes from
 
 Why: TensorRT's INT8 keeps activations per tensor, 8 bits. The grid here is better than TensorRT's: affine (its own
 low end per tensor, zero kept exact), its range chosen per tensor by the rounding-plus-clipping error on the
@@ -36,6 +37,13 @@ def conv_inputs(model: onnx.ModelProto) -> list[str]:
     graph = gs.import_onnx(model)
     return sorted({n.inputs[0].name for n in graph.nodes if n.op in ("Conv", "Gemm")
                    and isinstance(n.inputs[0], gs.Variable)})
+
+
+def depthwise_inputs(model: onnx.ModelProto) -> set[str]:
+    """The inputs of depthwise convolutions (one group per input channel)."""
+    graph = gs.import_onnx(model)
+    return {n.inputs[0].name for n in graph.nodes if n.op == "Conv" and isinstance(n.inputs[1], gs.Constant)
+            and n.inputs[1].values.shape[1] == 1 and int(n.attrs.get("group", 1)) == n.inputs[1].values.shape[0] > 1}
 
 
 def samples(model: onnx.ModelProto, names: list[str], x: np.ndarray) -> dict[str, np.ndarray]:
@@ -108,6 +116,8 @@ def main(argv=None) -> int:
     parser.add_argument("--eval", type=Path, help="with --model: the same, held out")
     parser.add_argument("--bits", default="8,9,10")
     parser.add_argument("--calib-samples", type=int, default=64)
+    parser.add_argument("--by-reader", action="store_true",
+                        help="also round, at 8 bits, only the depthwise convolutions' inputs, then all but those")
     args = parser.parse_args(argv)
     size = SIZES[args.variant]
     path = args.model or args.data / f"efficientnet-{args.variant}.onnx"
@@ -128,14 +138,24 @@ def main(argv=None) -> int:
     print(f"FP32 top-1 margin (logits): median {np.median(margin):.3f}; "
           + ", ".join(f"{100 * np.mean(margin < t):.1f}% below {t}" for t in (0.02, 0.05, 0.1)))
     rows = []
-    print(f"{'activation grid':28} {'top-1 agreement':>16} {'top-5':>7} {'cosine':>9}")
+    print(f"{'activation grid':36} {'top-1 agreement':>16} {'top-5':>7} {'cosine':>9}")
     for bits in (int(b) for b in args.bits.split(",")):
         levels = 2 ** bits
         grids = {n: grid(values[n], levels) for n in names}
         got = agreement(ref, logits(fake_quantized(model, grids, levels), evaluation, optimized=False))
         rows.append({"bits": bits, **got})
-        print(f"{f'{bits} bits per tensor, affine':28} {100 * got['top1']:15.1f}% {100 * got['top5']:6.1f}% "
+        print(f"{f'{bits} bits per tensor, affine':36} {100 * got['top1']:15.1f}% {100 * got['top5']:6.1f}% "
               f"{got['cosine']:9.5f}")
+    if args.by_reader:  # which inputs the 8-bit error comes from
+        depthwise = depthwise_inputs(model)
+        grids = {n: grid(values[n], 256) for n in names}
+        for label, keep in (("depthwise inputs only", lambda n: n in depthwise),
+                            ("all but depthwise inputs", lambda n: n not in depthwise)):
+            chosen = {n: g for n, g in grids.items() if keep(n)}
+            got = agreement(ref, logits(fake_quantized(model, chosen, 256), evaluation, optimized=False))
+            rows.append({"bits": 8, "only": label, "tensors": len(chosen), **got})
+            print(f"{f'8 bits, {label}':36} {100 * got['top1']:15.1f}% {100 * got['top5']:6.1f}% "
+                  f"{got['cosine']:9.5f}   ({len(chosen)} tensors)")
     out = REPO / "bench" / "results" / "activation_bits.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"model": str(path), "eval": len(evaluation), "calib": len(calib),
