@@ -137,25 +137,25 @@ def main(argv=None) -> int:
           f"{len(evaluation)} evaluation crops")
     print(f"FP32 top-1 margin (logits): median {np.median(margin):.3f}; "
           + ", ".join(f"{100 * np.mean(margin < t):.1f}% below {t}" for t in (0.02, 0.05, 0.1)))
-    rows = []
+    rows, grids = [], {}
+
+    def row(label: str, bits: int, chosen: dict, **extra) -> None:
+        got = agreement(ref, logits(fake_quantized(model, chosen, 2 ** bits), evaluation, optimized=False))
+        rows.append({"bits": bits, **extra, **got})
+        print(f"{label:36} {100 * got['top1']:15.1f}% {100 * got['top5']:6.1f}% {got['cosine']:9.5f}"
+              + (f"   ({len(chosen)} tensors)" if extra else ""))
+
     print(f"{'activation grid':36} {'top-1 agreement':>16} {'top-5':>7} {'cosine':>9}")
     for bits in (int(b) for b in args.bits.split(",")):
-        levels = 2 ** bits
-        grids = {n: grid(values[n], levels) for n in names}
-        got = agreement(ref, logits(fake_quantized(model, grids, levels), evaluation, optimized=False))
-        rows.append({"bits": bits, **got})
-        print(f"{f'{bits} bits per tensor, affine':36} {100 * got['top1']:15.1f}% {100 * got['top5']:6.1f}% "
-              f"{got['cosine']:9.5f}")
+        grids[bits] = {n: grid(values[n], 2 ** bits) for n in names}
+        row(f"{bits} bits per tensor, affine", bits, grids[bits])
     if args.by_reader:  # which inputs the 8-bit error comes from
         depthwise = depthwise_inputs(model)
-        grids = {n: grid(values[n], 256) for n in names}
+        eight = grids.get(8) or {n: grid(values[n], 256) for n in names}
         for label, keep in (("depthwise inputs only", lambda n: n in depthwise),
                             ("all but depthwise inputs", lambda n: n not in depthwise)):
-            chosen = {n: g for n, g in grids.items() if keep(n)}
-            got = agreement(ref, logits(fake_quantized(model, chosen, 256), evaluation, optimized=False))
-            rows.append({"bits": 8, "only": label, "tensors": len(chosen), **got})
-            print(f"{f'8 bits, {label}':36} {100 * got['top1']:15.1f}% {100 * got['top5']:6.1f}% "
-                  f"{got['cosine']:9.5f}   ({len(chosen)} tensors)")
+            chosen = {n: g for n, g in eight.items() if keep(n)}
+            row(f"8 bits, {label}", 8, chosen, only=label, tensors=len(chosen))
     out = REPO / "bench" / "results" / "activation_bits.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"model": str(path), "eval": len(evaluation), "calib": len(calib),

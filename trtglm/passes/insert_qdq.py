@@ -77,9 +77,8 @@ def plan_qdq(graph: gs.Graph, policy: PrecisionPolicy = PrecisionPolicy()) -> Qd
             plan.skipped[node.name] = why_float
             continue
         if node.op == "Add":
-            residual = _residual_input(node, float_acts, order)
-            fused = _fused_conv(node, residual)
-            if residual is not None and fused is not None and fused.name not in plan.skipped:
+            residual = _residual_input(node, float_acts, order, plan.skipped)
+            if residual is not None:
                 activations.add(residual.name)
                 plan.residual_adds.append(node.name)
             continue
@@ -216,8 +215,10 @@ def _has_matmul_ancestor(tensor: gs.Tensor, depth: int = 8) -> bool:
     return False
 
 
-def _residual_input(add: gs.Node, float_acts: set[str], order: dict[int, int]) -> gs.Variable | None:
-    """For Add(Conv(x), y) return y; with two Conv inputs, the later Conv is fused and the other quantized."""
+def _residual_input(add: gs.Node, float_acts: set[str], order: dict[int, int],
+                    skipped: dict[str, str]) -> gs.Variable | None:
+    """For Add(Conv(x), y) return y; with two Conv inputs, the later Conv is fused and the other quantized. None
+    when the Conv it would fuse into is `skipped` (kept in float)."""
     inputs = [t for t in add.inputs if isinstance(t, gs.Variable)]
     if len(inputs) != 2 or any(t.name not in float_acts for t in inputs):
         return None
@@ -228,13 +229,9 @@ def _residual_input(add: gs.Node, float_acts: set[str], order: dict[int, int]) -
     if not fusable:
         return None
     fused = max(fusable, key=lambda t: order[id(t.inputs[0])])
+    if fused.inputs[0].name in skipped:
+        return None
     return inputs[1] if inputs[0] is fused else inputs[0]
-
-
-def _fused_conv(add: gs.Node, residual: gs.Variable | None) -> gs.Node | None:
-    """The Conv that TensorRT fuses `add` into: the producer of its input that is not the residual."""
-    other = next((t for t in add.inputs if t is not residual), None)
-    return other.inputs[0] if residual is not None and other is not None and other.inputs else None
 
 
 def _why_not_shiftable(tensor: gs.Variable, plan: QdqPlan) -> str | None:
