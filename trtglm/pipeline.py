@@ -463,7 +463,7 @@ def _plugin_ops(model: onnx.ModelProto, staged: Path, final: Path, feeds: dict |
     err = verify.max_relative_error(model, fallback, feeds) if feeds is not None else None
     kinds = Counter(n.op_type for n in plugin_model.graph.node if n.domain == PLUGIN_DOMAIN)
     return {"path": str(final), "ops": dict(sorted(kinds.items())), "rewrites": count,
-            "fallback_max_rel_err": err, "log": [line for line in ctx.log if line.startswith("plugin_ops")]}
+            "fallback_max_rel_err": err, "log": [line for line in ctx.log if line.startswith("to_plugin_ops")]}
 
 
 def _engine_profiles(cfg: BuildConfig, fp32: onnx.ModelProto, data) -> list:

@@ -15,6 +15,7 @@ from trtglm.errors import ConfigError  # noqa: E402
 from trtglm.export.glm import CacheWrapper, export_glm, glm_from_config, io_names  # noqa: E402
 from trtglm.generate import greedy  # noqa: E402
 from trtglm.passes import DEFAULT_PIPELINE, PassContext, run_passes  # noqa: E402
+from trtglm.passes.plugin_ops import from_plugin_ops, to_plugin_ops  # noqa: E402
 
 # 2 layers, GQA with 4 query and 2 key/value heads, rotary on half of each head (GLM's partial rotary)
 CONFIG = {"model_type": "glm", "architectures": ["GlmForCausalLM"], "vocab_size": 100, "hidden_size": 64,
@@ -132,6 +133,37 @@ def test_passes_recognise_gqa_attention_and_keep_outputs(exported):
     for b, a in zip(before, after):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
 
+
+
+def test_plugin_ops_map_each_layers_norms_and_rotary_and_the_fallback_keeps_outputs(exported):
+    """--plugin-ops on the optimized GLM: per layer one TrtglmRotary (Q and K, half the head, interleaved) and the
+    RMSNorms; the ONNX fallback gives the optimized graph's outputs, prefill and decode with a cache."""
+    _, out, _ = exported
+    graph = gs.import_onnx(onnx.load(str(out / "decode.onnx")))
+    run_passes(graph, DEFAULT_PIPELINE, PassContext(opset=18))
+    optimized = gs.export_onnx(graph)
+    ctx = PassContext(opset=18)
+    to_plugin_ops(graph, ctx)
+    plugin = gs.export_onnx(graph)
+    rotary = [n for n in plugin.graph.node if n.op_type == "TrtglmRotary"]
+    assert len(rotary) == 2 and [n.op_type for n in plugin.graph.node].count("TrtglmResidualNorm") == 5, ctx.log
+    for node in rotary:
+        assert {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute if a.name in
+                ("rotary_dim", "interleaved")} == {"rotary_dim": 8, "interleaved": 1}
+    back = gs.import_onnx(plugin)
+    from_plugin_ops(back, PassContext(opset=18))
+    fallback = gs.export_onnx(back)
+    names, out_names = io_names(2, with_past=True)
+    rng = np.random.default_rng(1)
+    for batch, seq, past in ((2, 6, 0), (3, 1, 9)):
+        feeds = {"input_ids": rng.integers(0, 100, (batch, seq)),
+                 "attention_mask": np.ones((batch, past + seq), np.int64),
+                 "position_ids": np.broadcast_to(np.arange(past, past + seq), (batch, seq)).copy()}
+        feeds.update({n: rng.standard_normal((batch, 2, past, 16)).astype(np.float32) for n in names[3:]})
+        want, got = (ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feeds)
+                     for m in (optimized, fallback))
+        for name, g, w in zip(out_names, got, want):
+            np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5, err_msg=name)
 
 def test_config_picks_glm4_by_architecture_and_rejects_others(tmp_path):
     glm4 = glm_from_config(_write_config(tmp_path, model_type=None, architectures=["Glm4ForCausalLM"]))

@@ -300,6 +300,7 @@ def test_build_with_plugin_ops_writes_the_plugin_model_and_checks_its_fallback(t
     assert "plugin ops: 1 TrtglmResidualNorm in" in result.output
     plugin_ops = json.loads((tmp_path / "o" / "report.json").read_text())["engine"]["plugin_ops"]
     assert plugin_ops["ops"] == {OP: 1} and plugin_ops["fallback_max_rel_err"] < 1e-6
+    assert [line.split(" -> ")[1].split(" ")[0] for line in plugin_ops["log"]] == [OP], plugin_ops["log"]
     plugin = onnx.load(tmp_path / "o" / "model.int8.qdq.plugins.onnx")
     onnx.checker.check_model(plugin, full_check=True)
     assert [n.op_type for n in plugin.graph.node].count(OP) == 1

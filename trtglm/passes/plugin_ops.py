@@ -22,9 +22,8 @@ from_plugin_ops is the ONNX-level fallback: every TrtglmResidualNorm back to sta
 RMSNormalization from opset 23 or the decomposed form below; QuantizeLinear), writing the same output tensors, so
 ONNX Runtime runs a plugin graph; that is how the surgery is verified on a CPU.
 
-The opset import: gs.Graph keeps the model's opset_import list in `graph.import_domains` (None for a graph built
-in memory, which gs.export_onnx then fills with the ONNX domain at graph.opset). to_plugin_ops appends
-("trtglm", 1) when it adds a node; from_plugin_ops drops it when no trtglm node is left.
+Rotary embeddings are mapped by plugin_rotary (TrtglmRotary), called from both functions here; plugin_graph holds
+what the mappings share (domain, opset import, the fallback's emitter).
 """
 
 from __future__ import annotations
@@ -42,22 +41,18 @@ from trtglm.passes.fold_constants import annotate_shapes
 from trtglm.passes.fuse_layernorm import match_norm
 from trtglm.passes.match import constant_value, producer, single_consumer
 from trtglm.passes.naming import node_name, tensor_name
-from trtglm.plugins import NAMESPACE, VERSION
+from trtglm.passes.plugin_graph import (DOMAIN, FLOATS, PLUGIN_ATTRS, Emitter, Skip, drop_domain, import_domain,
+                                        known_shape, last_dim, np_dtype)
+from trtglm.passes.plugin_graph import dtype_name as _dtype
+from trtglm.passes.plugin_rotary import rotary_from_plugin, rotary_to_plugin
 
 if TYPE_CHECKING:
     from trtglm.passes import PassContext
 
 OP = "TrtglmResidualNorm"
-DOMAIN = NAMESPACE  # the ONNX domain of the plugin nodes; TensorRT reads plugin_namespace, ORT/onnx the domain
-DOMAIN_VERSION = 1
 MAX_HIDDEN = 16384  # the catalog's limit for TrtglmResidualNorm ("hidden 1..16384")
-FLOATS = ("float32", "float16", "bfloat16")
 KINDS = {"RMSNormalization": 0, "LayerNormalization": 1}
 RMSNORM_OPSET, REDUCE_AXES_INPUT_OPSET, LAYERNORM_OPSET = 23, 18, 17
-
-
-class _Skip(Exception):
-    """A norm that stays as it is; the message says why (it goes to ctx.log)."""
 
 
 # --- to_plugin_ops -------------------------------------------------------------------------------------------
@@ -94,19 +89,20 @@ def to_plugin_ops(graph: gs.Graph, ctx: PassContext) -> int:
                                                                   else []))
             else:
                 norm = _native(node, outputs)
-            if (norm.x.dtype is None or _last_dim(norm.x) is None) and not annotated:
+            if (norm.x.dtype is None or last_dim(norm.x) is None) and not annotated:
                 annotate_shapes(graph, ctx.log)  # a graph rewritten in memory may not know them; once per pass
                 annotated = True
             attrs = _rewrite(graph, norm, outputs)
-        except _Skip as why:
+        except Skip as why:
             ctx.log.append(f"to_plugin_ops: {what} kept: {why}")
             continue
         used.update(id(n) for n in norm.nodes)
         ctx.log.append(f"to_plugin_ops: {norm.what} '{node.name}' -> {OP} (kind {attrs['kind']}, has_residual "
                        f"{attrs['has_residual']}, has_beta {attrs['has_beta']}, out_scale {attrs['out_scale']:g})")
         rewrites += 1
+    rewrites += rotary_to_plugin(graph, ctx)
     if rewrites:
-        _import_domain(graph)
+        import_domain(graph)
     graph.cleanup().toposort()
     return rewrites
 
@@ -115,30 +111,30 @@ def _native(node: gs.Node, outputs: set[int]) -> _Norm:
     x = node.inputs[0]
     axis = int(node.attrs.get("axis", -1))
     if axis != -1 and (x.shape is None or axis != len(x.shape) - 1):
-        raise _Skip(f"axis {axis} is not the last axis (-1, or rank-1 of a known rank)")
+        raise Skip(f"axis {axis} is not the last axis (-1, or rank-1 of a known rank)")
     if any(not t.is_empty() and (t.outputs or id(t) in outputs) for t in node.outputs[1:]):
-        raise _Skip("its Mean/InvStdDev outputs are used")
+        raise Skip("its Mean/InvStdDev outputs are used")
     params = [(t, constant_value(t)) for t in node.inputs[1:] if not t.is_empty()]
     if any(value is None for _, value in params):
-        raise _Skip("gamma/beta are not constants")
+        raise Skip("gamma/beta are not constants")
     # stash_type is not checked: the plugin keeps its statistics in fp32, what the default (1) asks for
     return _Norm(node.op, KINDS[node.op], x, float(node.attrs.get("epsilon", 1e-5)), [node], node.outputs[0],
                  params)
 
 
 def _rewrite(graph: gs.Graph, norm: _Norm, outputs: set[int]) -> dict:
-    """Check `norm` (raise _Skip), then replace it, and the residual Add / QuantizeLinear it absorbs, by one
+    """Check `norm` (raise Skip), then replace it, and the residual Add / QuantizeLinear it absorbs, by one
     plugin node; return the node's attributes."""
     x, dtype = norm.x, _dtype(norm.x)
     if dtype not in FLOATS:
-        raise _Skip(f"input '{x.name}' has dtype {dtype}, the plugin takes {'/'.join(FLOATS)}")
+        raise Skip(f"input '{x.name}' has dtype {dtype}, the plugin takes {'/'.join(FLOATS)}")
     gamma = norm.params[0][1]
-    hidden = _last_dim(x) or _last_dim(norm.out) or (int(gamma.shape[-1]) if gamma is not None and gamma.size > 1
+    hidden = last_dim(x) or last_dim(norm.out) or (int(gamma.shape[-1]) if gamma is not None and gamma.size > 1
                                                       else None)
     if hidden is None:
-        raise _Skip("hidden size unknown")
+        raise Skip("hidden size unknown")
     if hidden > MAX_HIDDEN:
-        raise _Skip(f"hidden size {hidden} > {MAX_HIDDEN}, the plugin's limit")
+        raise Skip(f"hidden size {hidden} > {MAX_HIDDEN}, the plugin's limit")
     params, gone, out = [], list(norm.nodes), norm.out
     scale = _channel_scale(out, outputs, hidden, dtype)
     if scale is not None:  # a per-channel Mul after the norm (SmoothQuant's 1/s): folded into gamma and beta
@@ -147,11 +143,11 @@ def _rewrite(graph: gs.Graph, norm: _Norm, outputs: set[int]) -> dict:
         out = mul.outputs[0]
     for (tensor, value), what in zip(norm.params, ("gamma", "beta")):
         if value is None:  # a decomposed norm without a gamma Mul
-            value = np.ones(hidden, dtype=_np_dtype(x))
+            value = np.ones(hidden, dtype=np_dtype(x))
         if value.size != hidden or any(d != 1 for d in value.shape[:-1]):
-            raise _Skip(f"{what} has shape {list(value.shape)}, not [{hidden}]")
+            raise Skip(f"{what} has shape {list(value.shape)}, not [{hidden}]")
         if np.dtype(value.dtype).name != dtype:
-            raise _Skip(f"{what} is {np.dtype(value.dtype).name}, input '{x.name}' is {dtype}")
+            raise Skip(f"{what} is {np.dtype(value.dtype).name}, input '{x.name}' is {dtype}")
         if scale is not None:
             tensor, value = None, (value.reshape(hidden) * factor).astype(value.dtype)
         if tensor is None or list(tensor.shape or ()) != [hidden]:  # the plugin takes [hidden]
@@ -174,7 +170,7 @@ def _rewrite(graph: gs.Graph, norm: _Norm, outputs: set[int]) -> dict:
         node.outputs.clear()
     attrs = {"kind": norm.kind, "eps": float(norm.eps), "has_residual": int(add is not None),
              "has_beta": int(len(params) > 1), "out_scale": out_scale,
-             "plugin_version": VERSION, "plugin_namespace": NAMESPACE}
+             **PLUGIN_ATTRS}
     graph.nodes.append(gs.Node(OP, name=node_name(graph, f"{out_tensors[0].name}_{OP}"), domain=DOMAIN,
                                attrs=attrs, inputs=inputs + params, outputs=out_tensors))
     return attrs
@@ -201,7 +197,7 @@ def _residual_add(x: gs.Tensor) -> gs.Node | None:
     if add is None or add.op != "Add" or len(add.inputs) != 2:
         return None
     a, b = add.inputs
-    if not (_known_shape(a) and b.shape is not None and list(a.shape) == list(b.shape)):
+    if not (known_shape(a) and b.shape is not None and list(a.shape) == list(b.shape)):
         return None
     return add if _dtype(a) == _dtype(b) == _dtype(x) else None
 
@@ -225,13 +221,6 @@ def _int8_quantize(out: gs.Tensor, outputs: set[int]) -> gs.Node | None:
     return quant
 
 
-def _import_domain(graph: gs.Graph) -> None:
-    if graph.import_domains is None:  # what gs.export_onnx would use for the ONNX domain
-        graph.import_domains = [onnx.helper.make_opsetid("", graph.opset)]
-    if all(d.domain != DOMAIN for d in graph.import_domains):
-        graph.import_domains.append(onnx.helper.make_opsetid(DOMAIN, DOMAIN_VERSION))
-
-
 # --- from_plugin_ops -----------------------------------------------------------------------------------------
 
 
@@ -244,7 +233,7 @@ def from_plugin_ops(graph: gs.Graph, ctx: PassContext) -> int:
         x, params = node.inputs[0], list(node.inputs[1 + has_residual:])
         out, residual_out = node.outputs[0], (node.outputs[1] if has_residual and len(node.outputs) > 1 else None)
         node.outputs.clear()
-        new = _Emitter(graph, node.name, x)
+        new = Emitter(graph, node.name, x)
         if has_residual:
             x = new.op("Add", [x, node.inputs[1]], residual_out or new.var("residual_out"))
         y = new.var("norm") if out_scale > 0 else out
@@ -259,13 +248,13 @@ def from_plugin_ops(graph: gs.Graph, ctx: PassContext) -> int:
             new.op("QuantizeLinear", [y, new.const("scale", out_scale), new.const("zero_point", 0, np.int8)], out)
         ctx.log.append(f"from_plugin_ops: {OP} '{node.name}' -> {', '.join(n.op for n in new.nodes)}")
         rewrites += 1
+    rewrites += rotary_from_plugin(graph, ctx)
     graph.cleanup().toposort()
-    if graph.import_domains is not None and not any(n.domain == DOMAIN for n in graph.nodes):
-        graph.import_domains = [d for d in graph.import_domains if d.domain != DOMAIN]
+    drop_domain(graph)
     return rewrites
 
 
-def _emit_decomposed(new: _Emitter, x, gamma, beta, kind: int, eps: float, y, opset: int) -> None:
+def _emit_decomposed(new: Emitter, x, gamma, beta, kind: int, eps: float, y, opset: int) -> None:
     """[d = x - mean(x)]; y = d * 1/sqrt(mean(d*d) + eps) * gamma [+ beta]: the form fuse_layernorm matches."""
     def mean(t):
         if opset >= REDUCE_AXES_INPUT_OPSET:
@@ -281,56 +270,3 @@ def _emit_decomposed(new: _Emitter, x, gamma, beta, kind: int, eps: float, y, op
     else:
         new.op("Add", [new.op("Mul", [scaled, gamma]), beta], y)
 
-
-class _Emitter:
-    """Adds nodes for one plugin node: fresh names under its name, tensors typed like its input."""
-
-    def __init__(self, graph: gs.Graph, base: str, like: gs.Tensor):
-        self.graph, self.base, self.like, self.nodes = graph, base, like, []
-
-    def var(self, what: str) -> gs.Variable:
-        return gs.Variable(tensor_name(self.graph, f"{self.base}/{what}"), dtype=self.like.dtype)
-
-    def const(self, what: str, value, dtype=None) -> gs.Constant:
-        dtype = dtype if dtype is not None else (_np_dtype(self.like) or np.float32)
-        return gs.Constant(tensor_name(self.graph, f"{self.base}/{what}"), np.asarray(value, dtype=dtype))
-
-    def op(self, op: str, inputs: list, out: gs.Variable | None = None, **attrs) -> gs.Variable:
-        out = out if out is not None else self.var(op)
-        node = gs.Node(op, name=node_name(self.graph, f"{self.base}/{op}"), attrs=attrs, inputs=inputs,
-                       outputs=[out])
-        self.graph.nodes.append(node)
-        self.nodes.append(node)
-        return out
-
-
-# --- helpers -------------------------------------------------------------------------------------------------
-
-
-def _dtype(tensor: gs.Tensor) -> str | None:
-    """'float32', 'float16', 'bfloat16', ...; gs keeps types numpy lacks (bfloat16) as onnx TensorProto ints."""
-    d = _np_dtype(tensor)
-    return None if d is None else np.dtype(d).name
-
-
-def _np_dtype(tensor: gs.Tensor):
-    d = tensor.dtype
-    if d is None:
-        return None
-    try:
-        return onnx.helper.tensor_dtype_to_np_dtype(int(d)) if isinstance(d, (int, np.integer)) else np.dtype(d)
-    except (TypeError, KeyError, ValueError):
-        return None
-
-
-def _last_dim(tensor: gs.Tensor) -> int | None:
-    shape = tensor.shape
-    if shape and isinstance(shape[-1], (int, np.integer)) and shape[-1] > 0:
-        return int(shape[-1])
-    return None
-
-
-def _known_shape(tensor: gs.Tensor) -> bool:
-    """Every dim a positive int or a named symbol: then equal shapes mean equal at run time (no broadcasting)."""
-    return tensor.shape is not None and all(
-        (isinstance(d, (int, np.integer)) and d > 0) or (isinstance(d, str) and d) for d in tensor.shape)
