@@ -1,5 +1,6 @@
 """How many activation bits an evaluation set needs: a CNN's agreement with FP32 when every Conv/Gemm input is
-rounded to a per-tensor grid of 2^b levels, for b = 8, 9, 10, with the weights left in float.
+rounded to a per-tensor grid of 2^b levels, for b = 8, 9, 10, with the weights left in float; and, as the floor of
+the metric, its agreement with no INT8 at all, every tensor stored in FP16.
 
     python bench/activation_bits.py [--variant lite1] [--bits 8,9,10]      # about 2 minutes
     python bench/activation_bits.py --model cnn.onnx --calib calib/ --eval eval/   # any single-input classifier
@@ -13,7 +14,9 @@ this data: calibration, rounding and per-channel tricks work within it. Not a st
 the mean out of the rounding error, which this grid leaves in, and moves an INT8 model slightly past it. The rows
 for 9 and 10 bits say what a target above the 8-bit row asks for. The FP32 logits' margins (top-1 minus top-2) say
 why: a prediction whose margin is below the logit error flips, and random crops of photographs have many small
-margins. Results: bench/results/activation_bits.json.
+margins. The FP16 rows (every tensor and Conv/Gemm weight stored in FP16, as exported and with BatchNorm folded,
+the graph TensorRT runs) are the floor: no INT8 at all, only the precision of a layer kept out of INT8.
+Results: bench/results/activation_bits.json.
 """
 
 from __future__ import annotations
@@ -28,6 +31,8 @@ import onnx
 import onnx_graphsurgeon as gs
 from cnn import SIZES, agreement, load_images, logits
 from common import REPO, session
+
+from trtglm.passes import DEFAULT_PIPELINE, run_passes
 
 SAMPLED = 50_000  # values per tensor and batch that the range search sees
 BATCH = 16
@@ -101,6 +106,34 @@ def fake_quantized(model: onnx.ModelProto, grids: dict[str, tuple[float, float]]
     return gs.export_onnx(graph).SerializeToString()
 
 
+def folded(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The graph `trtglm build` quantizes (and TensorRT runs): BatchNorm folded into the Convs, constants folded."""
+    graph = gs.import_onnx(model)
+    run_passes(graph, DEFAULT_PIPELINE)
+    return gs.export_onnx(graph)
+
+
+def fp16_stored(model: onnx.ModelProto) -> bytes:
+    """The model with every float tensor and Conv/Gemm weight stored in FP16 (a Cast there and back), the
+    arithmetic left in FP32: what TensorRT's FP16 layers compute, the precision a layer kept out of INT8 gets."""
+    graph = gs.import_onnx(onnx.shape_inference.infer_shapes(model))
+    rounded: dict[str, gs.Variable] = {}
+    for node in list(graph.nodes):
+        if node.op in ("Conv", "Gemm") and isinstance(node.inputs[1], gs.Constant):
+            node.inputs[1].values = node.inputs[1].values.astype(np.float16).astype(np.float32)
+        for i, t in enumerate(node.inputs):
+            if isinstance(t, gs.Variable) and t.dtype == np.float32:
+                if t.name not in rounded:
+                    half, back = (gs.Variable(f"{t.name}_{k}", dtype=d) for k, d in (("f16", np.float16),
+                                                                                       ("f32", np.float32)))
+                    graph.nodes += [gs.Node("Cast", inputs=[t], outputs=[half], attrs={"to": onnx.TensorProto.FLOAT16}),
+                                    gs.Node("Cast", inputs=[half], outputs=[back], attrs={"to": onnx.TensorProto.FLOAT})]
+                    rounded[t.name] = back
+                node.inputs[i] = rounded[t.name]
+    graph.cleanup().toposort()
+    return gs.export_onnx(graph).SerializeToString()
+
+
 def load(folder: Path) -> np.ndarray:
     """A data folder as the model reads it: bench/cnn.py's preprocessed .png crops, or one .npy array (N, ...)."""
     arrays = sorted(p for p in folder.glob("*.npy") if p.name != "labels.npy")
@@ -146,6 +179,11 @@ def main(argv=None) -> int:
               + (f"   ({len(chosen)} tensors)" if extra else ""))
 
     print(f"{'activation grid':36} {'top-1 agreement':>16} {'top-5':>7} {'cosine':>9}")
+    for label, graph_of in (("as exported", model), ("BatchNorm folded", folded(model))):
+        fp16 = agreement(ref, logits(fp16_stored(graph_of), evaluation, optimized=False))
+        rows.append({"bits": 16, "only": f"FP16 storage, FP32 arithmetic, {label}", **fp16})
+        print(f"{'FP16, no INT8, ' + label:36} {100 * fp16['top1']:15.1f}% {100 * fp16['top5']:6.1f}% "
+              f"{fp16['cosine']:9.5f}")
     for bits in (int(b) for b in args.bits.split(",")):
         grids[bits] = {n: grid(values[n], 2 ** bits) for n in names}
         row(f"{bits} bits per tensor, affine", bits, grids[bits])
