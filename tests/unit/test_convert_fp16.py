@@ -204,6 +204,37 @@ def test_native_attention_gets_fp32_softmax():
     _check_close(before, after)
 
 
+
+def test_rotary_angles_stay_fp32():
+    """position x frequency -> Cos/Sin (HF's rotary embedding) stays FP32 from the integer positions on: at
+    position 3000 FP16's step is 2 radians. The tables, in [-1, 1], go FP16 where the activation reads them."""
+    half = 8
+    inv_freq = (1.0 / 10000 ** (np.arange(half) / half)).astype(np.float32)
+    nodes = [helper.make_node("Unsqueeze", ["pos", "last"], ["pos3"], name="unsqueeze"),
+             helper.make_node("Cast", ["pos3"], ["posf"], to=FLOAT, name="cast"),
+             helper.make_node("Mul", ["posf", "inv_freq"], ["freqs"], name="freqs"),
+             helper.make_node("Concat", ["freqs", "freqs"], ["emb"], axis=-1, name="emb"),
+             helper.make_node("Cos", ["emb"], ["cos"], name="cos"),
+             helper.make_node("Sin", ["emb"], ["sin"], name="sin"),
+             helper.make_node("Mul", ["x", "cos"], ["xc"], name="xc"),
+             helper.make_node("Mul", ["x", "sin"], ["xs"], name="xs"),
+             helper.make_node("Add", ["xc", "xs"], ["y"], name="y")]
+    graph = helper.make_graph(nodes, "rope", [helper.make_tensor_value_info("pos", TensorProto.INT64, ["B", "S"]),
+                                               helper.make_tensor_value_info("x", FLOAT, ["B", "S", 2 * half])],
+                              [helper.make_tensor_value_info("y", FLOAT, ["B", "S", 2 * half])],
+                              [numpy_helper.from_array(inv_freq, "inv_freq"),
+                               numpy_helper.from_array(np.array([-1], np.int64), "last")])
+    model = onnx.shape_inference.infer_shapes(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+    before, after, _, _ = _convert(model)
+    types = _check_types(before, after)
+    assert [types[t] for t in ("posf", "freqs", "emb", "cos", "sin")] == [FLOAT] * 5
+    assert types["xc"] == FLOAT16  # the Muls with the activation run in FP16
+    rng = np.random.default_rng(0)
+    feeds = {"pos": np.arange(3000, 3016, dtype=np.int64).reshape(2, 8),
+             "x": rng.standard_normal((2, 8, 2 * half)).astype(np.float32)}
+    ref, got = models.run_ort(before, feeds), models.run_ort(after, feeds)
+    assert models.max_rel_err(ref, got) < TOL
+
 def test_idempotent_and_fp16_graph_left_alone():
     _, once, _, _ = _convert(models.build_attention(mask="int"))
     _, twice, count, _ = _convert(once)

@@ -281,6 +281,27 @@ def test_half_types_round_trip_type_check(dtype, norm):
     onnx.checker.check_model(gs.export_onnx(graph), full_check=True)
 
 
+
+@pytest.mark.parametrize("residual", ["stream", None])
+def test_fp16_graph_that_reduces_in_fp32(residual):
+    """`--fp16` keeps Pow/ReduceMean in FP32 (convert_fp16), so the decomposed RMSNorm reads its FP16 input through
+    a Cast and multiplies by a Cast-back reciprocal: still one TrtglmResidualNorm on the FP16 tensors. The fallback
+    normalizes in FP32 as the plugin does; against the mixed-precision original it differs by FP16 rounding."""
+    from trtglm.passes.convert_fp16 import convert_fp16
+
+    model, _, _ = models.apply_pass(_block("rms_decomposed", residual=residual, beta=False), convert_fp16, opset=17)
+    assert "Cast" in models.ops(model) and "ReduceMean" in models.ops(model)
+    plugin, count, log = _to_plugin(model, 17)
+    nodes = _plugin_nodes(plugin)
+    assert count == 1 and _attrs(nodes[0])["has_residual"] == int(residual is not None), log
+    assert "Pow" not in models.ops(plugin) and "ReduceMean" not in models.ops(plugin)
+    types = {v.name: v.type.tensor_type.elem_type for v in onnx.shape_inference.infer_shapes(plugin).graph.value_info}
+    assert types[nodes[0].input[0]] == TensorProto.FLOAT16
+    back, _, _ = models.apply_pass(plugin, from_plugin_ops, opset=17)
+    feeds = models.random_inputs(model, batch=3)
+    want, got = models.run_ort(model, feeds), models.run_ort(back, feeds)
+    assert models.max_rel_err(want, got) < 4e-3
+
 def test_build_with_plugin_ops_writes_the_plugin_model_and_checks_its_fallback(tmp_path):
     """`trtglm build --plugin-ops`: model.int8.qdq.plugins.onnx beside the Q/DQ model, its fallback checked on ORT."""
     import json

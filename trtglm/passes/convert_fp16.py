@@ -6,7 +6,10 @@ precision of its ONNX tensor types. So `--fp16` has to write an ONNX graph whose
 them: FP16's largest value is 65504, and sums of squares, exponentials and long sums overflow it (or lose the
 small addends), so reductions, Softmax/LogSoftmax, Pow and Exp stay FP32 behind Casts; so do Range and CumSum
 (position arithmetic: FP16 holds integers exactly only up to 2048) and float "shape math" (float tensors that
-only feed a Cast to an integer type or a Range). LayerNormalization/RMSNormalization take FP16 in and out with
+only feed a Cast to an integer type or a Range). Cos and Sin stay FP32 with the "angle math" before them (float
+tensors that only reach Cos/Sin): a rotary embedding's angle is position x frequency, and at position 2000
+FP16's step is 1 radian, so cos/sin computed from an FP16 angle are wrong by up to 0.5 from there on; the tables
+(in [-1, 1]) then go FP16 where Q and K read them. LayerNormalization/RMSNormalization take FP16 in and out with
 stash_type=1, and opset-23 Attention gets softmax_precision=1: TensorRT's normalization and attention kernels
 then reduce in FP32 inside one fused kernel, with no Casts that would break the fusion.
 
@@ -58,6 +61,8 @@ DEFAULT_DOMAINS = ("", "ai.onnx")
 KEEP_FP32 = frozenset({
     "ReduceSum", "ReduceMean", "ReduceL2", "ReduceSumSquare", "ReduceLogSumExp", "ReduceLogSum", "ReduceProd",
     "Softmax", "LogSoftmax", "Pow", "Exp", "Range", "CumSum",
+    # angles (rotary embedding: position x frequency reaches thousands of radians; FP16's step at 2048 is 2)
+    "Cos", "Sin",
     # exact (0/1) or random values: nothing to gain in FP16, and ONNX Runtime has no FP16 kernel for them
     "EyeLike", "RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike", "Bernoulli",
 })
@@ -68,6 +73,7 @@ FOLLOW = frozenset({
     "Split", "Gather", "Tile", "Identity", "IsNaN", "IsInf", "Equal", "Less", "Greater", "LessOrEqual",
     "GreaterOrEqual",
 })
+ANGLE_SINKS = frozenset({"Cos", "Sin"})
 # Ops whose float output type comes from an attribute: their precision follows their consumers.
 SOURCES = frozenset({"Cast", "Constant", "ConstantOfShape"})
 ANY_INPUT = ("Cast", "Shape", "Size")  # read any input type: never given an input Cast
@@ -95,7 +101,7 @@ def _precisions(graph: gs.Graph, opset: int) -> dict[int, bool]:
     """id(node) -> True when the node runs in FP16, False for FP32; nodes without float tensors are absent."""
     graph.toposort()
     outputs = {id(t) for t in graph.outputs}
-    shape_math = _shape_math(graph, outputs)
+    fp32_math = _shape_math(graph, outputs) | _angle_math(graph, outputs)
     fp16: dict[int, bool] = {}
     fp32_made: set[int] = set()  # float tensors made by FP32 nodes
     for node in graph.nodes:
@@ -104,7 +110,7 @@ def _precisions(graph: gs.Graph, opset: int) -> dict[int, bool]:
             continue
         variables = [t for t in _float_inputs(node) if isinstance(t, gs.Variable)]
         keep = (node.op in KEEP_FP32 or (node.domain or "") not in DEFAULT_DOMAINS or _schema(node.op, opset) is None
-                or (_float_outputs(node) and all(id(t) in shape_math for t in _float_outputs(node)))
+                or (_float_outputs(node) and all(id(t) in fp32_math for t in _float_outputs(node)))
                 or (node.op in FOLLOW and variables and all(id(t) in fp32_made for t in variables)))
         fp16[id(node)] = not keep
         if keep:
@@ -119,16 +125,31 @@ def _precisions(graph: gs.Graph, opset: int) -> dict[int, bool]:
 
 def _shape_math(graph: gs.Graph, outputs: set[int]) -> set[int]:
     """ids of float tensors whose values only reach integer Casts or Range through elementwise ops."""
-    found: set[int] = set()
-
-    def shape_consumer(node: gs.Node) -> bool:
+    def sink(node: gs.Node) -> bool:
         if node.op == "Cast":
             return int(node.attrs.get("to", FLOAT)) not in (FLOAT, FLOAT16)
-        return node.op == "Range" or (node.op in FOLLOW and all(id(t) in found for t in _float_outputs(node)))
+        return node.op == "Range"
+
+    return _only_reaching(graph, outputs, sink, FOLLOW)
+
+
+def _angle_math(graph: gs.Graph, outputs: set[int]) -> set[int]:
+    """ids of float tensors whose values only reach Cos/Sin (rotary angles: position x frequency) through
+    elementwise ops or a MatMul (HF Llama builds the angles as an outer product)."""
+    return _only_reaching(graph, outputs, lambda node: node.op in ANGLE_SINKS, FOLLOW | {"MatMul"})
+
+
+def _only_reaching(graph: gs.Graph, outputs: set[int], sink, through: frozenset) -> set[int]:
+    """ids of float tensors (no graph outputs) all of whose readers are sinks, or `through` ops whose float
+    outputs are all such tensors."""
+    found: set[int] = set()
+
+    def reader_ok(node: gs.Node) -> bool:
+        return sink(node) or (node.op in through and all(id(t) in found for t in _float_outputs(node)))
 
     for node in reversed(graph.nodes):
         for t in _float_outputs(node):
-            if t.outputs and id(t) not in outputs and all(shape_consumer(c) for c in t.outputs):
+            if t.outputs and id(t) not in outputs and all(reader_ok(c) for c in t.outputs):
                 found.add(id(t))
     return found
 

@@ -25,10 +25,13 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import onnx_graphsurgeon as gs
+from onnx import TensorProto
 
 from trtglm.passes.fold_constants import annotate_shapes
 from trtglm.passes.match import constant_value, only_consumer, producer, single_consumer
 from trtglm.passes.naming import node_name, tensor_name
+
+FLOAT_PROTOS = (TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.BFLOAT16, TensorProto.DOUBLE)
 
 if TYPE_CHECKING:
     from trtglm.passes import PassContext
@@ -111,7 +114,7 @@ def match_norm(var_reduce: gs.Node, outputs: set[int]) -> _Match | None:
     tail = _match_tail(var_reduce, base, outputs)
     if tail is None:
         return None
-    eps, tail_nodes, normalized = tail
+    eps, tail_nodes, normalized, x = tail
     nodes = [square, var_reduce, *tail_nodes]
 
     center = producer(base)
@@ -124,7 +127,7 @@ def match_norm(var_reduce: gs.Node, outputs: set[int]) -> _Match | None:
             return None
         match = _Match("LayerNormalization", center.inputs[0], eps, [mean_reduce, center, *nodes], normalized)
     else:
-        match = _Match("RMSNormalization", base, eps, nodes, normalized)
+        match = _Match("RMSNormalization", x, eps, nodes, normalized)
 
     gamma_mul = single_consumer(match.out, outputs)
     if gamma_mul is not None and gamma_mul.op == "Mul":
@@ -143,7 +146,11 @@ def match_norm(var_reduce: gs.Node, outputs: set[int]) -> _Match | None:
 
 
 def _match_tail(var_reduce: gs.Node, base: gs.Tensor, outputs: set[int]):
-    """ReduceMean -> Add(eps) -> Sqrt -> Div(base, .) | Reciprocal -> Mul(base, .): (eps, nodes, normalized)."""
+    """ReduceMean -> Add(eps) -> Sqrt -> Div(base, .) | Reciprocal -> Mul(base, .): (eps, nodes, normalized, x).
+
+    x is the tensor the last Div/Mul reads: base, or in an FP16 graph that reduces in FP32 (convert_fp16 keeps
+    Pow/ReduceMean FP32) the FP16 twin of base (base Cast from it, or both Cast from one tensor), divided by the
+    standard deviation or multiplied by the reciprocal Cast back to FP16."""
     add = single_consumer(var_reduce.outputs[0], outputs)
     if add is None or add.op != "Add":
         return None
@@ -153,30 +160,60 @@ def _match_tail(var_reduce: gs.Node, base: gs.Tensor, outputs: set[int]):
     sqrt = single_consumer(add.outputs[0], outputs)
     if sqrt is None or sqrt.op != "Sqrt":
         return None
-    last = single_consumer(sqrt.outputs[0], outputs)
+    nodes = [add, sqrt]
+
+    def reader(t: gs.Tensor) -> tuple[gs.Tensor, gs.Node | None]:
+        """(t, its one reader), past a float-to-float Cast (the mixed-precision form casts back to FP16)."""
+        node = single_consumer(t, outputs)
+        if node is not None and node.op == "Cast" and _float_cast_source(node.outputs[0]) is not None:
+            nodes.append(node)
+            t, node = node.outputs[0], single_consumer(node.outputs[0], outputs)
+        return t, node
+
+    std, last = reader(sqrt.outputs[0])
     if last is None:
         return None
-    nodes = [add, sqrt]
-    if last.op == "Div" and last.inputs[0] is not base and _is_scalar(last.inputs[0], 1.0):
-        recip = last  # Div(1, Sqrt): how TorchScript exports torch.rsqrt (Llama's and T5's RMSNorm)
-        last = single_consumer(recip.outputs[0], outputs)
-        if recip.inputs[1] is not sqrt.outputs[0] or last is None or last.op != "Mul" \
-                or {id(t) for t in last.inputs} != {id(base), id(recip.outputs[0])}:
+    if last.op == "Div" and _is_scalar(last.inputs[0], 1.0) and last.inputs[0] is not base or \
+            last.op == "Reciprocal":
+        # Reciprocal, or Div(1, Sqrt): how TorchScript exports torch.rsqrt (Llama's and T5's RMSNorm)
+        if last.op == "Div" and last.inputs[1] is not std:
             return None
-        nodes.append(recip)
-    elif last.op == "Div":
-        if last.inputs[0] is not base or last.inputs[1] is not sqrt.outputs[0]:
+        nodes.append(last)
+        inv, last = reader(last.outputs[0])
+        if last is None or last.op != "Mul" or len(last.inputs) != 2 or not any(t is inv for t in last.inputs):
             return None
-    elif last.op == "Reciprocal":
-        recip = last
-        last = single_consumer(recip.outputs[0], outputs)
-        if last is None or last.op != "Mul" or {id(t) for t in last.inputs} != {id(base), id(recip.outputs[0])}:
-            return None
-        nodes.append(recip)
+        x = last.inputs[1] if last.inputs[0] is inv else last.inputs[0]
+    elif last.op == "Div" and last.inputs[1] is std:
+        x = last.inputs[0]
     else:
         return None
+    if not _same_values(x, base):
+        return None
     nodes.append(last)
-    return float(eps.reshape(-1)[0]), nodes, last.outputs[0]
+    return float(eps.reshape(-1)[0]), nodes, last.outputs[0], x
+
+
+def _same_values(a: gs.Tensor, b: gs.Tensor) -> bool:
+    """The same tensor, up to float-to-float Casts (one of the other, or both of one tensor)."""
+    sa, sb = _float_cast_source(a), _float_cast_source(b)
+    return a is b or sa is b or sb is a or (sa is not None and sa is sb)
+
+
+def _float_cast_source(t: gs.Tensor) -> gs.Tensor | None:
+    """The float tensor a float-to-float Cast made `t` from, else None."""
+    cast = producer(t)
+    if cast is None or cast.op != "Cast" or not _is_float(cast.inputs[0]) or not _is_float(t):
+        return None
+    return cast.inputs[0]
+
+
+def _is_float(t: gs.Tensor) -> bool:
+    if isinstance(t.dtype, (int, np.integer)):  # gs keeps types numpy lacks (bfloat16) as TensorProto ints
+        return int(t.dtype) in FLOAT_PROTOS
+    try:
+        return t.dtype is not None and np.dtype(t.dtype).kind == "f"
+    except TypeError:
+        return False
 
 
 def _reduces_last_axis(node: gs.Node) -> bool:

@@ -90,6 +90,12 @@ def np_dtype(tensor: gs.Tensor):
         return None
 
 
+def tensor_type(tensor: gs.Tensor) -> int:
+    """The tensor's onnx.TensorProto element type (what a Cast's `to` takes)."""
+    d = tensor.dtype
+    return int(d) if isinstance(d, (int, np.integer)) else onnx.helper.np_dtype_to_tensor_dtype(np.dtype(d))
+
+
 def last_dim(tensor: gs.Tensor) -> int | None:
     shape = tensor.shape
     if shape and isinstance(shape[-1], (int, np.integer)) and shape[-1] > 0:

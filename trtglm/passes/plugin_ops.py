@@ -42,7 +42,7 @@ from trtglm.passes.fuse_layernorm import match_norm
 from trtglm.passes.match import constant_value, producer, single_consumer
 from trtglm.passes.naming import node_name, tensor_name
 from trtglm.passes.plugin_graph import (DOMAIN, FLOATS, PLUGIN_ATTRS, Emitter, Skip, drop_domain, import_domain,
-                                        known_shape, last_dim, np_dtype)
+                                        known_shape, last_dim, np_dtype, tensor_type)
 from trtglm.passes.plugin_graph import dtype_name as _dtype
 from trtglm.passes.plugin_rotary import rotary_from_plugin, rotary_to_plugin
 
@@ -74,7 +74,9 @@ class _Norm:
 def to_plugin_ops(graph: gs.Graph, ctx: PassContext) -> int:
     outputs = {id(t) for t in graph.outputs}
     used: set[int] = set()
-    rewrites, annotated = 0, False
+    rewrites = 0
+    if any(t.dtype is None or t.shape is None for t in graph.tensors().values() if isinstance(t, gs.Variable)):
+        annotate_shapes(graph, ctx.log)  # a graph rewritten in memory may not know them; the matches read both
     for node in list(graph.nodes):
         if id(node) in used or node.op not in ("LayerNormalization", "RMSNormalization", "ReduceMean"):
             continue
@@ -89,9 +91,6 @@ def to_plugin_ops(graph: gs.Graph, ctx: PassContext) -> int:
                                                                   else []))
             else:
                 norm = _native(node, outputs)
-            if (norm.x.dtype is None or last_dim(norm.x) is None) and not annotated:
-                annotate_shapes(graph, ctx.log)  # a graph rewritten in memory may not know them; once per pass
-                annotated = True
             attrs = _rewrite(graph, norm, outputs)
         except Skip as why:
             ctx.log.append(f"to_plugin_ops: {what} kept: {why}")
@@ -255,7 +254,17 @@ def from_plugin_ops(graph: gs.Graph, ctx: PassContext) -> int:
 
 
 def _emit_decomposed(new: Emitter, x, gamma, beta, kind: int, eps: float, y, opset: int) -> None:
-    """[d = x - mean(x)]; y = d * 1/sqrt(mean(d*d) + eps) * gamma [+ beta]: the form fuse_layernorm matches."""
+    """[d = x - mean(x)]; y = d * 1/sqrt(mean(d*d) + eps) * gamma [+ beta]: the form fuse_layernorm matches.
+    A float16/bfloat16 input is normalized in float32 and cast back once, as the plugin computes it (a sum of
+    squares in FP16 overflows past |x| = 256)."""
+    out = y
+    if _dtype(x) != "float32":
+        outer, new = new, Emitter(new.graph, new.base, gs.Variable("float32", dtype=np.float32), new.opset)
+        new.nodes = outer.nodes  # one list: the log names every node
+        x, gamma, beta = (None if t is None else new.op("Cast", [t], to=onnx.TensorProto.FLOAT)
+                          for t in (x, gamma, beta))
+        y = new.var("normalized")
+
     def mean(t):
         if opset >= REDUCE_AXES_INPUT_OPSET:
             return new.op("ReduceMean", [t, new.const("axes", [-1], np.int64)], keepdims=1)
@@ -269,4 +278,5 @@ def _emit_decomposed(new: Emitter, x, gamma, beta, kind: int, eps: float, y, ops
         new.op("Mul", [scaled, gamma], y)
     else:
         new.op("Add", [new.op("Mul", [scaled, gamma]), beta], y)
-
+    if y is not out:
+        new.op("Cast", [y], out, to=tensor_type(out))

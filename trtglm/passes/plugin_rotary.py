@@ -36,7 +36,7 @@ from trtglm.passes.fold_constants import annotate_shapes
 from trtglm.passes.match import constant_value, producer, single_consumer
 from trtglm.passes.naming import node_name
 from trtglm.passes.plugin_graph import (DOMAIN, FLOATS, PLUGIN_ATTRS, Emitter, Skip, dtype_name, last_dim,
-                                        np_dtype, same_dim)
+                                        same_dim, tensor_type)
 
 if TYPE_CHECKING:
     from trtglm.passes import PassContext
@@ -132,6 +132,7 @@ def _complete(add, x_rot, interleaved, c_full, s_full, outputs, order) -> _Rotat
         raise Skip(f"'{x.name}' has dtype {dtype_name(x)}, the plugin takes {'/'.join(FLOATS)}")
     tables = []
     for full in (c_full, s_full):
+        full = _before_float_cast(full)
         table = _repeated_table(full, r) if interleaved else (full if _duplicated_halves(full) else None)
         if table is None:
             raise Skip(f"'{full.name}' is not a cos/sin table repeated the way {_FORM[interleaved]} pairs need")
@@ -283,6 +284,16 @@ def _duplicated_halves(t: gs.Tensor) -> bool:
     return False
 
 
+def _before_float_cast(t: gs.Tensor) -> gs.Tensor:
+    """The input of the float-to-float Casts that make `t` (an FP16 graph casts the FP32 tables where Q and K
+    read them); the plugin takes float32 tables, so the earlier, finer ones are used."""
+    while True:
+        cast = producer(t)
+        if cast is None or cast.op != "Cast" or dtype_name(cast.inputs[0]) not in FLOATS:
+            return t
+        t = cast.inputs[0]
+
+
 def _last_axis_slice(t: gs.Tensor) -> tuple[gs.Tensor, int, int, int] | None:
     """(source, start, end, step) when `t` is a one-axis Slice of the source's last axis with constant,
     non-negative bounds; end clamped to the source's last dim (which must be known)."""
@@ -345,7 +356,7 @@ def rotary_from_plugin(graph: gs.Graph, ctx: PassContext) -> int:
 def _fallback_table(new: Emitter, table: gs.Tensor, like: gs.Tensor, pair_axis: int) -> gs.Tensor:
     """[B, S, r/2] -> [B, 1, S, r/2, 1] (interleaved) or [B, 1, S, 1, r/2], in the rotated tensor's type."""
     if dtype_name(like) != dtype_name(table):
-        table = new.op("Cast", [table], new.var("Cast"), to=onnx.helper.np_dtype_to_tensor_dtype(np_dtype(like)))
+        table = new.op("Cast", [table], new.var("Cast"), to=tensor_type(like))
     return new.axes_op("Unsqueeze", new.axes_op("Unsqueeze", table, [1]), [pair_axis])
 
 
