@@ -57,7 +57,6 @@ class _Rotation:
     sin: gs.Tensor
     rotary_dim: int
     interleaved: int
-    order: int  # the Add's index in graph.nodes: pairs are taken in graph order
 
     def key(self) -> tuple:
         return id(self.cos), id(self.sin), self.rotary_dim, self.interleaved
@@ -69,9 +68,9 @@ def rotary_to_plugin(graph: gs.Graph, ctx: PassContext) -> int:
     if any(n.op == "Add" and n.outputs[0].shape is None for n in graph.nodes):
         annotate_shapes(graph, ctx.log)  # the match reads ranks and dims; a graph built in memory may lack them
     found: dict[tuple, list[_Rotation]] = {}
-    for order, node in enumerate(graph.nodes):
+    for node in graph.nodes:  # in graph order: a layer's Q and K are paired before the next layer's
         try:
-            rotation = _match(node, outputs, order)
+            rotation = _match(node, outputs)
         except Skip as why:
             ctx.log.append(f"to_plugin_ops: rotary at Add '{node.name}' kept: {why}")
             continue
@@ -93,7 +92,7 @@ def rotary_to_plugin(graph: gs.Graph, ctx: PassContext) -> int:
     return rewrites
 
 
-def _match(add: gs.Node, outputs: set[int], order: int) -> _Rotation | None:
+def _match(add: gs.Node, outputs: set[int]) -> _Rotation | None:
     """The rotation whose Add is `add`; None when `add` is no rotation; Skip when it is one the plugin cannot take."""
     if add.op != "Add" or len(add.inputs) != 2:
         return None
@@ -107,11 +106,11 @@ def _match(add: gs.Node, outputs: set[int], order: int) -> _Rotation | None:
                 continue
             x_rot, interleaved = found
             other = m_cos.inputs[1] if m_cos.inputs[0] is x_rot else m_cos.inputs[0]
-            return _complete(add, x_rot, interleaved, other, table, outputs, order)
+            return _complete(add, x_rot, interleaved, other, table, outputs)
     return None
 
 
-def _complete(add, x_rot, interleaved, c_full, s_full, outputs, order) -> _Rotation:
+def _complete(add, x_rot, interleaved, c_full, s_full, outputs) -> _Rotation:
     r = last_dim(x_rot)
     if r is None or r % 2:
         raise Skip(f"the rotated channels of '{x_rot.name}' are not an even, known number")
@@ -143,7 +142,7 @@ def _complete(add, x_rot, interleaved, c_full, s_full, outputs, order) -> _Rotat
             raise Skip(f"cos/sin table '{table.name}' {list(shape)} does not have the batch and sequence of "
                        f"'{x.name}' {list(x.shape)} (the plugin takes one row per token)")
         tables.append(table)
-    return _Rotation(x, out, last, tables[0], tables[1], r, int(interleaved), order)
+    return _Rotation(x, out, last, tables[0], tables[1], r, int(interleaved))
 
 
 _FORM = {0: "half-split", 1: "interleaved"}
