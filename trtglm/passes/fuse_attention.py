@@ -44,7 +44,7 @@ from onnx import TensorProto
 
 from trtglm.errors import ConfigError
 from trtglm.passes.fold_constants import annotate_shapes
-from trtglm.passes.match import constant_value, producer, single_consumer
+from trtglm.passes.match import constant_value, producer, same_dim, single_consumer
 from trtglm.passes.naming import node_name, tensor_name
 
 if TYPE_CHECKING:
@@ -350,7 +350,7 @@ def _replace(graph: gs.Graph, block: _Block) -> None:
 def _fit_mask(graph: gs.Graph, mask: gs.Tensor, q: gs.Tensor, k: gs.Tensor, base: str) -> gs.Tensor:
     """The mask as is when it is known to be [..., Sq, Sk]; else Expand(mask, [1, 1, Sq, Sk]) (ORT needs it)."""
     shape = mask.shape
-    if shape is not None and len(shape) >= 2 and _same_dim(shape[-2], q.shape[2]) and _same_dim(shape[-1], k.shape[2]):
+    if shape is not None and len(shape) >= 2 and same_dim(shape[-2], q.shape[2]) and same_dim(shape[-1], k.shape[2]):
         return mask
     lengths = []
     for role, tensor in (("q", q), ("k", k)):
@@ -369,11 +369,6 @@ def _fit_mask(graph: gs.Graph, mask: gs.Tensor, q: gs.Tensor, k: gs.Tensor, base
 
 
 # --- helpers -------------------------------------------------------------------------------------------------
-
-
-def _same_dim(a, b) -> bool:
-    """Provably equal dims: the same int, or the same symbolic name."""
-    return a is not None and b is not None and not (isinstance(a, int) and a < 0) and a == b
 
 
 def _is_chain(tensor: gs.Tensor, outputs: set[int]) -> bool:

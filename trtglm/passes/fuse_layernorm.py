@@ -25,13 +25,10 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import onnx_graphsurgeon as gs
-from onnx import TensorProto
 
 from trtglm.passes.fold_constants import annotate_shapes
-from trtglm.passes.match import constant_value, only_consumer, producer, single_consumer
+from trtglm.passes.match import constant_value, float_cast_source, only_consumer, producer, single_consumer
 from trtglm.passes.naming import node_name, tensor_name
-
-FLOAT_PROTOS = (TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.BFLOAT16, TensorProto.DOUBLE)
 
 if TYPE_CHECKING:
     from trtglm.passes import PassContext
@@ -165,7 +162,7 @@ def _match_tail(var_reduce: gs.Node, base: gs.Tensor, outputs: set[int]):
     def reader(t: gs.Tensor) -> tuple[gs.Tensor, gs.Node | None]:
         """(t, its one reader), past a float-to-float Cast (the mixed-precision form casts back to FP16)."""
         node = single_consumer(t, outputs)
-        if node is not None and node.op == "Cast" and _float_cast_source(node.outputs[0]) is not None:
+        if node is not None and node.op == "Cast" and float_cast_source(node.outputs[0]) is not None:
             nodes.append(node)
             t, node = node.outputs[0], single_consumer(node.outputs[0], outputs)
         return t, node
@@ -195,25 +192,8 @@ def _match_tail(var_reduce: gs.Node, base: gs.Tensor, outputs: set[int]):
 
 def _same_values(a: gs.Tensor, b: gs.Tensor) -> bool:
     """The same tensor, up to float-to-float Casts (one of the other, or both of one tensor)."""
-    sa, sb = _float_cast_source(a), _float_cast_source(b)
+    sa, sb = float_cast_source(a), float_cast_source(b)
     return a is b or sa is b or sb is a or (sa is not None and sa is sb)
-
-
-def _float_cast_source(t: gs.Tensor) -> gs.Tensor | None:
-    """The float tensor a float-to-float Cast made `t` from, else None."""
-    cast = producer(t)
-    if cast is None or cast.op != "Cast" or not _is_float(cast.inputs[0]) or not _is_float(t):
-        return None
-    return cast.inputs[0]
-
-
-def _is_float(t: gs.Tensor) -> bool:
-    if isinstance(t.dtype, (int, np.integer)):  # gs keeps types numpy lacks (bfloat16) as TensorProto ints
-        return int(t.dtype) in FLOAT_PROTOS
-    try:
-        return t.dtype is not None and np.dtype(t.dtype).kind == "f"
-    except TypeError:
-        return False
 
 
 def _reduces_last_axis(node: gs.Node) -> bool:

@@ -1,11 +1,14 @@
 """Small graph-matching helpers shared by the passes (a tensor's producer, its single consumer, its constant value,
-whether it is non-negative by construction). A pattern may only swallow a tensor that nothing else reads and that
+whether it is non-negative by construction, the source of a float Cast, provably equal dims). A pattern may only swallow a tensor that nothing else reads and that
 is no graph output."""
 
 from __future__ import annotations
 
 import numpy as np
 import onnx_graphsurgeon as gs
+from onnx import TensorProto
+
+FLOAT_PROTOS = (TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.BFLOAT16, TensorProto.DOUBLE)
 
 
 def producer(tensor: gs.Tensor) -> gs.Node | None:
@@ -84,3 +87,27 @@ def non_negative(tensor: gs.Tensor, depth: int = 16) -> bool:
     if node.op == "Max":
         return any(non_negative(t, depth - 1) for t in node.inputs)
     return False
+
+
+def float_cast_source(tensor: gs.Tensor) -> gs.Tensor | None:
+    """The float tensor a float-to-float Cast made `tensor` from (an FP16 graph's Casts around its FP32 parts),
+    else None."""
+    cast = producer(tensor)
+    if cast is None or cast.op != "Cast" or not (_is_float(cast.inputs[0]) and _is_float(tensor)):
+        return None
+    return cast.inputs[0]
+
+
+def _is_float(t: gs.Tensor) -> bool:
+    if isinstance(t.dtype, (int, np.integer)):  # gs keeps types numpy lacks (bfloat16) as TensorProto ints
+        return int(t.dtype) in FLOAT_PROTOS
+    try:
+        return t.dtype is not None and np.dtype(t.dtype).kind == "f"
+    except TypeError:
+        return False
+
+
+def same_dim(a, b) -> bool:
+    """Two dims known to be equal at run time: the same non-negative int, or the same named symbol."""
+    return a is not None and b is not None and a != "" and not (isinstance(a, (int, np.integer)) and a < 0) \
+        and a == b

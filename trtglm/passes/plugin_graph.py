@@ -8,6 +8,8 @@ in memory, which gs.export_onnx then fills with the ONNX domain at graph.opset).
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
@@ -30,15 +32,23 @@ class Emitter:
     """Adds nodes for one plugin node: fresh names under its name, tensors typed like its input."""
 
     def __init__(self, graph: gs.Graph, base: str, like: gs.Tensor, opset: int = AXES_INPUT_OPSET):
-        self.graph, self.base, self.like, self.opset, self.nodes = graph, base, like, opset, []
+        self.graph, self.base, self.opset, self.nodes = graph, base, opset, []
+        self.dtype, self.np_dtype = like.dtype, np_dtype(like) or np.float32
+
+    def in_float32(self) -> Emitter:
+        """An emitter for the same plugin node whose new tensors and constants are float32 (its nodes are listed
+        with this one's)."""
+        other = copy.copy(self)  # shares self.nodes
+        other.dtype = other.np_dtype = np.dtype(np.float32)
+        return other
 
     def var(self, what: str, like: gs.Tensor | None = None, dtype=None) -> gs.Variable:
         """A fresh tensor, typed `dtype`, else like `like`, else like the plugin node's input."""
-        dtype = dtype if dtype is not None else (like if like is not None else self.like).dtype
+        dtype = dtype if dtype is not None else (like.dtype if like is not None else self.dtype)
         return gs.Variable(tensor_name(self.graph, f"{self.base}/{what}"), dtype=dtype)
 
     def const(self, what: str, value, dtype=None) -> gs.Constant:
-        dtype = dtype if dtype is not None else (np_dtype(self.like) or np.float32)
+        dtype = dtype if dtype is not None else self.np_dtype
         return gs.Constant(tensor_name(self.graph, f"{self.base}/{what}"), np.asarray(value, dtype=dtype))
 
     def op(self, op: str, inputs: list, out: gs.Variable | None = None, **attrs) -> gs.Variable:
@@ -107,10 +117,3 @@ def known_shape(tensor: gs.Tensor) -> bool:
     """Every dim a positive int or a named symbol: then equal shapes mean equal at run time (no broadcasting)."""
     return tensor.shape is not None and all(
         (isinstance(d, (int, np.integer)) and d > 0) or (isinstance(d, str) and d) for d in tensor.shape)
-
-
-def same_dim(a, b) -> bool:
-    """Two dims known to be equal at run time: the same positive int, or the same named symbol."""
-    if isinstance(a, (int, np.integer)) and isinstance(b, (int, np.integer)):
-        return int(a) == int(b) > 0
-    return isinstance(a, str) and bool(a) and a == b

@@ -99,6 +99,7 @@ def to_plugin_ops(graph: gs.Graph, ctx: PassContext) -> int:
         ctx.log.append(f"to_plugin_ops: {norm.what} '{node.name}' -> {OP} (kind {attrs['kind']}, has_residual "
                        f"{attrs['has_residual']}, has_beta {attrs['has_beta']}, out_scale {attrs['out_scale']:g})")
         rewrites += 1
+    graph.cleanup()  # the nodes the norms replaced, before the rotary match reads consumers
     rewrites += rotary_to_plugin(graph, ctx)
     if rewrites:
         import_domain(graph)
@@ -259,8 +260,7 @@ def _emit_decomposed(new: Emitter, x, gamma, beta, kind: int, eps: float, y, ops
     squares in FP16 overflows past |x| = 256)."""
     out = y
     if _dtype(x) != "float32":
-        outer, new = new, Emitter(new.graph, new.base, gs.Variable("float32", dtype=np.float32), new.opset)
-        new.nodes = outer.nodes  # one list: the log names every node
+        new = new.in_float32()
         x, gamma, beta = (None if t is None else new.op("Cast", [t], to=onnx.TensorProto.FLOAT)
                           for t in (x, gamma, beta))
         y = new.var("normalized")

@@ -32,11 +32,10 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from trtglm.passes.fold_constants import annotate_shapes
-from trtglm.passes.match import constant_value, producer, single_consumer
+from trtglm.passes.match import constant_value, float_cast_source, producer, same_dim, single_consumer
 from trtglm.passes.naming import node_name
 from trtglm.passes.plugin_graph import (DOMAIN, FLOATS, PLUGIN_ATTRS, Emitter, Skip, dtype_name, last_dim,
-                                        same_dim, tensor_type)
+                                        tensor_type)
 
 if TYPE_CHECKING:
     from trtglm.passes import PassContext
@@ -63,10 +62,8 @@ class _Rotation:
 
 
 def rotary_to_plugin(graph: gs.Graph, ctx: PassContext) -> int:
-    graph.cleanup()  # the nodes an earlier mapping detached
+    """Called by to_plugin_ops, which has given the tensors their shapes and types (the match reads them)."""
     outputs = {id(t) for t in graph.outputs}
-    if any(n.op == "Add" and n.outputs[0].shape is None for n in graph.nodes):
-        annotate_shapes(graph, ctx.log)  # the match reads ranks and dims; a graph built in memory may lack them
     found: dict[tuple, list[_Rotation]] = {}
     for node in graph.nodes:  # in graph order: a layer's Q and K are paired before the next layer's
         try:
@@ -286,11 +283,9 @@ def _duplicated_halves(t: gs.Tensor) -> bool:
 def _before_float_cast(t: gs.Tensor) -> gs.Tensor:
     """The input of the float-to-float Casts that make `t` (an FP16 graph casts the FP32 tables where Q and K
     read them); the plugin takes float32 tables, so the earlier, finer ones are used."""
-    while True:
-        cast = producer(t)
-        if cast is None or cast.op != "Cast" or dtype_name(cast.inputs[0]) not in FLOATS:
-            return t
-        t = cast.inputs[0]
+    while (source := float_cast_source(t)) is not None:
+        t = source
+    return t
 
 
 def _last_axis_slice(t: gs.Tensor) -> tuple[gs.Tensor, int, int, int] | None:
